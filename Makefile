@@ -1,0 +1,67 @@
+# packdebug is one Python file: nothing to build.  `make demo` and `make test`
+# are the two commands a fresh Debian machine needs (both install what they
+# use when run as root with apt-get available).
+
+PYTHON ?= python3
+VENV ?= .venv
+PREFIX ?= /usr/local
+DESTDIR ?=
+PYTEST_ARGS ?= -q
+
+# Debian packages the demo and the tests use, with a command each provides.
+DEB_TOOLS := gcc:gcc objcopy:binutils debugedit:debugedit xz:xz-utils bsdtar:libarchive-tools \
+	debuginfod:debuginfod eu-readelf:elfutils i686-linux-gnu-gcc:gcc-i686-linux-gnu \
+	powerpc-linux-gnu-gcc:gcc-powerpc-linux-gnu s390x-linux-gnu-gcc:gcc-s390x-linux-gnu
+DEB_EXTRA := libc6-dev libc6-dev-i386-cross libc6-dev-powerpc-cross libc6-dev-s390x-cross \
+	python3-venv curl
+
+.PHONY: all test demo deps install uninstall lint clean
+
+all: test
+
+deps:
+	@missing=""; for pair in $(DEB_TOOLS); do \
+		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing:$$missing"; \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+				--no-install-recommends $$missing $(DEB_EXTRA); \
+		else \
+			echo "note: missing Debian packages:$$missing (tests that need them are skipped)"; \
+		fi; \
+	fi
+
+$(VENV)/bin/pytest:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q pytest
+
+test: deps $(VENV)/bin/pytest
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) test_packdebug.py
+
+demo: deps
+	@set -e; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
+	echo "== building hello with -g and splitting it the estrip way into $$work/image"; \
+	tests/estrip-image.sh "$$work/image"; \
+	echo "== packdebug pack"; \
+	$(PYTHON) packdebug.py pack --image "$$work/image" --category app-misc --pn hello \
+		--pf hello-1.0 --build-id 1 -v; \
+	tarball="$$work/image/usr/lib/debug/.tarball/app-misc/hello/hello-1.0-1-debug.tar.xz"; \
+	echo "== xz -lvv (blocks)"; xz -lvv "$$tarball" | sed -n '/^  Blocks:$$/,/^  Memory/p'; \
+	echo "== tar -tvJf"; tar -tvJf "$$tarball"
+
+install:
+	install -D -m 0755 packdebug.py $(DESTDIR)$(PREFIX)/bin/packdebug
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/packdebug
+
+lint: $(VENV)/bin/pytest
+	$(VENV)/bin/pip install -q ruff vermin
+	$(VENV)/bin/ruff check packdebug.py test_packdebug.py
+	$(VENV)/bin/ruff format --check packdebug.py test_packdebug.py
+	$(VENV)/bin/vermin -t=3.9- --no-tips --violations packdebug.py
+
+clean:
+	rm -rf $(VENV) .venv-* .pytest_cache __pycache__

@@ -1,0 +1,1974 @@
+#!/usr/bin/env python3
+"""packdebug: pack Gentoo split debug info into seekable, reproducible tarballs.
+
+A Gentoo binhost builds with FEATURES="splitdebug installsources" and serves the
+debug info to its clients through elfutils' debuginfod.  packdebug packs one
+Portage image's /usr/lib/debug and /usr/src/debug into
+
+    ${ED}/usr/lib/debug/.tarball/${CATEGORY}/${PN}/${PF}-${BUILD_ID}-debug.tar.xz
+
+as Portage's FEATURES=packdebug does, but as a multi-block xz file that
+debuginfod (>= 0.192) can seek in, byte-identical for the same image, and
+written atomically.
+
+Usage (see --help of each command):
+
+    packdebug pack [--image D] [--category C --pn PN --pf PF --build-id N]
+    packdebug buildid FILE...
+    packdebug settings [--format make.conf|shell|json] [--dedup] [--bashrc]
+
+From /etc/portage/bashrc (print a ready snippet with `packdebug settings --bashrc`):
+
+    pre_pkg_preinst() { packdebug pack -q || die "packdebug failed"; }
+
+The file is self-contained (standard library only, Python >= 3.9) and also
+importable: `import packdebug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import io
+import json
+import lzma
+import os
+import re
+import shlex
+import signal
+import stat
+import struct
+import sys
+import tarfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import BinaryIO
+
+__version__ = "0.1.0"
+
+# Paths inside an image (${ED}), as Portage's __generate_packdebug uses them.
+DEBUG_TREES = ("usr/src/debug", "usr/lib/debug")  # sources first, as Portage
+TARBALL_DIR = "usr/lib/debug/.tarball"  # Portage's PACKDEBUG_PATH, relative
+TARBALL_SUFFIX = "-debug.tar.xz"
+
+# Portage variables read by `pack`, with the flag that overrides each.
+PORTAGE_INPUTS = {
+    "ED": "--image",
+    "CATEGORY": "--category",
+    "PN": "--pn",
+    "PF": "--pf",
+    "BUILD_ID": "--build-id",
+}
+
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class PackdebugError(Exception):
+    """Base of every error packdebug reports; the CLI prints it and exits 1."""
+
+    exit_code = 1
+
+
+class UsageError(PackdebugError):
+    """A missing or malformed input; the CLI exits 2 as for a usage error."""
+
+    exit_code = 2
+
+
+class ElfError(PackdebugError):
+    """A file that looks like ELF but whose headers or notes are broken."""
+
+
+class XzError(PackdebugError):
+    """An xz file that does not follow the xz format, or fails its checks."""
+
+
+class ArchiveError(PackdebugError):
+    """A tar archive that is malformed, or a member that cannot be found."""
+
+
+class PackError(PackdebugError):
+    """Packing failed: unreadable input, a file changed, or no space left."""
+
+
+class UnsafeMemberError(ArchiveError):
+    """Extraction refused a member that would escape or harm the target."""
+
+
+class Log:
+    """Messages for the user: results on stdout, warnings on stderr.
+
+    verbosity -1 (-q) keeps only warnings and errors; 1 (-v) adds details.
+    """
+
+    def __init__(
+        self,
+        verbosity: int = 0,
+        out: io.TextIOBase | None = None,
+        err: io.TextIOBase | None = None,
+    ):
+        self.verbosity = verbosity
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def info(self, message: str) -> None:
+        if self.verbosity >= 0:
+            print(message, file=self.out, flush=True)
+
+    def detail(self, message: str) -> None:
+        if self.verbosity > 0:
+            print(message, file=self.out, flush=True)
+
+    def warning(self, message: str) -> None:
+        print(f"packdebug: warning: {message}", file=self.err, flush=True)
+
+
+def format_size(n: float) -> str:
+    """1536 -> '1.5 KiB', as xz -l prints sizes."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------
+# 1. ELF notes (gABI "Note Section"; elfutils gelf_getnote for 8-byte notes)
+# ---------------------------------------------------------------------------
+
+ELF_MAGIC = b"\x7fELF"
+ELFCLASS32, ELFCLASS64 = 1, 2
+ELFDATA2LSB, ELFDATA2MSB = 1, 2
+ET_EXEC, ET_DYN = 2, 3
+PT_NOTE = 4
+SHT_PROGBITS, SHT_SYMTAB, SHT_NOTE, SHT_NOBITS = 1, 2, 7, 8
+SHF_ALLOC = 0x2
+SHN_XINDEX = PN_XNUM = 0xFFFF
+NT_GNU_BUILD_ID = 3
+
+# Field layouts after e_ident, per ELF class: (header, program header,
+# section header).  Only the fields packdebug uses are named below.
+_ELF_LAYOUTS = {
+    ELFCLASS32: ("16xHHIIIIIHHHHHH", "IIIIIIII", "IIIIIIIIII"),
+    ELFCLASS64: ("16xHHIQQQIHHHHHH", "IIQQQQQQ", "IIQQQQIIQQ"),
+}
+NOTE_LIMIT = 1 * MiB  # a note region larger than this is not a build-id note
+STRTAB_LIMIT = 16 * MiB
+TABLE_LIMIT = 64 * MiB
+
+
+@dataclasses.dataclass(frozen=True)
+class ElfInfo:
+    """What debuginfod looks at in an ELF file (debuginfod.cxx elf_classify)."""
+
+    build_id: str | None
+    e_type: int
+    has_debug_sections: bool = False  # any .debug_* or .zdebug_* section
+    has_symtab: bool = False
+    has_alloc_progbits: bool = False  # loaded code or data
+    has_other_alloc: bool = False  # allocated, neither NOBITS nor NOTE
+
+    @property
+    def is_debuginfo(self) -> bool:
+        symtab_only = self.has_symtab and not self.has_other_alloc
+        return bool(self.build_id) and (self.has_debug_sections or symtab_only)
+
+    @property
+    def is_executable(self) -> bool:
+        loaded = self.e_type in (ET_EXEC, ET_DYN) and self.has_alloc_progbits
+        return bool(self.build_id) and loaded
+
+
+ReadAt = Callable[[int, int], bytes]
+
+
+class _ElfReader:
+    """Bounds-checked reads of one ELF file through read_at(offset, size)."""
+
+    def __init__(self, read_at: ReadAt, size: int, name: str) -> None:
+        self.read_at, self.size, self.name = read_at, size, name
+        ident = self.read(0, 16, "ELF identification")
+        if ident[:4] != ELF_MAGIC:
+            raise ElfError(f"{name}: not an ELF file")
+        if ident[4] not in _ELF_LAYOUTS or ident[5] not in (ELFDATA2LSB, ELFDATA2MSB):
+            raise ElfError(
+                f"{name}: unknown ELF class {ident[4]} or data encoding {ident[5]}"
+            )
+        self.endian = "<" if ident[5] == ELFDATA2LSB else ">"
+        self.ehdr, self.phdr, self.shdr = (
+            struct.Struct(self.endian + f) for f in _ELF_LAYOUTS[ident[4]]
+        )
+
+    def read(self, offset: int, size: int, what: str) -> bytes:
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise ElfError(
+                f"{self.name}: {what} at offset {offset} runs past the end of the "
+                f"file ({self.size} bytes): truncated or corrupt ELF"
+            )
+        data = self.read_at(offset, size)
+        if len(data) != size:
+            raise ElfError(f"{self.name}: short read of {what} at offset {offset}")
+        return data
+
+    def table(
+        self, offset: int, count: int, entsize: int, layout: struct.Struct, what: str
+    ):
+        if count and entsize < layout.size:
+            raise ElfError(f"{self.name}: {what} entry size {entsize} is too small")
+        if count * entsize > TABLE_LIMIT:
+            raise ElfError(
+                f"{self.name}: {what} of {count} entries is implausibly large"
+            )
+        data = self.read(offset, count * entsize, what)
+        return [layout.unpack_from(data, i * entsize) for i in range(count)]
+
+
+def iter_notes(
+    data: bytes, align: int, endian: str
+) -> Iterator[tuple[bytes, int, bytes]]:
+    """Yield (name, type, desc) for each note of a note section or segment.
+
+    Name and descriptor are padded to 4 bytes, or to 8 in a region aligned
+    to 8 (as elfutils' gelf_getnote reads ELF64 property notes).
+    """
+    pad = 8 if align == 8 else 4
+    pos = 0
+    while pos + 12 <= len(data):
+        namesz, descsz, note_type = struct.unpack_from(endian + "III", data, pos)
+        name_at = pos + 12
+        desc_at = _round_up(name_at + namesz, pad)
+        if desc_at + descsz > len(data):
+            raise ElfError("note runs past the end of its section")
+        yield (
+            data[name_at : name_at + namesz],
+            note_type,
+            data[desc_at : desc_at + descsz],
+        )
+        pos = _round_up(desc_at + descsz, pad)
+
+
+def _build_id_in(data: bytes, align: int, endian: str) -> str | None:
+    for name, note_type, desc in iter_notes(data, align, endian):
+        if note_type == NT_GNU_BUILD_ID and name.rstrip(b"\0") == b"GNU" and desc:
+            return desc.hex()
+    return None
+
+
+def read_elf(
+    read_at: ReadAt, size: int, name: str = "ELF file", *, sections: bool = True
+) -> ElfInfo:
+    """Parse the ELF headers and notes reachable through read_at.
+
+    Reads the program headers first (their PT_NOTE is near the start of the
+    file), then the section headers and section names when `sections` is
+    set or no PT_NOTE held a build-id.  Never reads section contents other
+    than notes and the section name table.
+    """
+    elf = _ElfReader(read_at, size, name)
+    header = elf.ehdr.unpack(elf.read(0, elf.ehdr.size, "ELF header"))
+    e_type, _mach, _ver, _entry, phoff, shoff = header[:6]
+    phentsize, phnum, shentsize, shnum, shstrndx = header[8:]
+    section0 = None
+    if shoff and (shnum == 0 or shstrndx == SHN_XINDEX or phnum == PN_XNUM):
+        # Extended numbering (gABI): real counts live in section header 0.
+        section0 = elf.table(shoff, 1, shentsize, elf.shdr, "section header 0")[0]
+        shnum = shnum or section0[5]
+        shstrndx = section0[6] if shstrndx == SHN_XINDEX else shstrndx
+        phnum = section0[7] if phnum == PN_XNUM else phnum
+    build_id = None
+    for ph in (
+        elf.table(phoff, phnum, phentsize, elf.phdr, "program header table")
+        if phoff
+        else ()
+    ):
+        p_type, p_offset, p_filesz, p_align = _phdr_fields(ph, elf.phdr.size)
+        if p_type == PT_NOTE and 0 < p_filesz <= NOTE_LIMIT and build_id is None:
+            data = elf.read(p_offset, p_filesz, "PT_NOTE segment")
+            build_id = _notes_build_id(data, p_align, elf, "PT_NOTE segment")
+    if not shoff or not (sections or build_id is None):
+        return ElfInfo(build_id, e_type)
+    return _read_sections(elf, e_type, build_id, shoff, shnum, shentsize, shstrndx)
+
+
+def _phdr_fields(ph: tuple, size: int) -> tuple[int, int, int, int]:
+    if size == 32:  # ELF32: type, offset, vaddr, paddr, filesz, memsz, flags, align
+        return ph[0], ph[1], ph[4], ph[7]
+    return (
+        ph[0],
+        ph[2],
+        ph[5],
+        ph[7],
+    )  # ELF64: type, flags, offset, ..., filesz, memsz, align
+
+
+def _notes_build_id(data: bytes, align: int, elf: _ElfReader, what: str) -> str | None:
+    try:
+        return _build_id_in(data, align, elf.endian)
+    except ElfError as e:
+        raise ElfError(f"{elf.name}: {what}: {e}") from None
+
+
+def _read_sections(
+    elf: _ElfReader, e_type, build_id, shoff, shnum, shentsize, shstrndx
+) -> ElfInfo:
+    shdrs = elf.table(shoff, shnum, shentsize, elf.shdr, "section header table")
+    names = b""
+    if 0 < shstrndx < len(shdrs):
+        strtab = shdrs[shstrndx]
+        if strtab[1] != SHT_NOBITS and strtab[5] <= STRTAB_LIMIT:
+            names = elf.read(strtab[4], strtab[5], "section name table")
+    flags = {
+        "has_debug_sections": False,
+        "has_symtab": False,
+        "has_alloc_progbits": False,
+        "has_other_alloc": False,
+    }
+    for sh in shdrs[1:]:
+        sh_name, sh_type, sh_flags, _addr, sh_offset, sh_size = sh[:6]
+        sh_align = sh[8]
+        end = names.find(b"\0", sh_name)
+        section = names[sh_name : end if end >= 0 else len(names)]
+        if section.startswith((b".debug_", b".zdebug_")):
+            flags["has_debug_sections"] = True
+        flags["has_symtab"] |= sh_type == SHT_SYMTAB
+        if sh_flags & SHF_ALLOC:
+            flags["has_alloc_progbits"] |= sh_type == SHT_PROGBITS
+            flags["has_other_alloc"] |= sh_type not in (SHT_NOBITS, SHT_NOTE)
+        if sh_type == SHT_NOTE and build_id is None and 0 < sh_size <= NOTE_LIMIT:
+            data = elf.read(sh_offset, sh_size, "SHT_NOTE section")
+            build_id = _notes_build_id(data, sh_align, elf, "SHT_NOTE section")
+    return ElfInfo(build_id, e_type, **flags)
+
+
+def read_elf_file(path, *, sections: bool = False) -> ElfInfo | None:
+    """ElfInfo of the file at `path`, or None if it is not ELF at all."""
+    name = os.fsdecode(path)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if os.pread(f.fileno(), 4, 0) != ELF_MAGIC:
+                return None
+            return read_elf(
+                lambda off, n: os.pread(f.fileno(), n, off),
+                size,
+                name,
+                sections=sections,
+            )
+    except OSError as e:
+        raise PackdebugError(f"{name}: cannot read: {e.strerror}") from None
+
+
+def read_build_id(path) -> str | None:
+    """The GNU build-id of an ELF file as lowercase hex, or None."""
+    info = read_elf_file(path)
+    return info.build_id if info else None
+
+
+def _round_up(n: int, multiple: int = 4) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ---------------------------------------------------------------------------
+# 2. xz container (xz-file-format 1.2.1; section numbers below are the spec's)
+# ---------------------------------------------------------------------------
+
+HEADER_MAGIC = b"\xfd7zXZ\x00"  # 2.1.1.1
+FOOTER_MAGIC = b"YZ"  # 2.1.2.4
+STREAM_HEADER_SIZE = STREAM_FOOTER_SIZE = 12
+CHECK_NONE, CHECK_CRC32, CHECK_CRC64, CHECK_SHA256 = 0x00, 0x01, 0x04, 0x0A
+LIBLZMA_CHECKS = {
+    CHECK_NONE: "None",
+    CHECK_CRC32: "CRC32",
+    CHECK_CRC64: "CRC64",
+    CHECK_SHA256: "SHA-256",
+}
+VLI_MAX = (1 << 63) - 1  # 1.2
+# Presets' LZMA2 dictionary sizes (xz(1), "Presets"): a block smaller than
+# the dictionary gets a smaller one, which saves the encoder's memory and
+# start-up time without changing what it can find.
+PRESET_DICT_SIZE = (
+    256 << 10,
+    1 * MiB,
+    2 * MiB,
+    4 * MiB,
+    4 * MiB,
+    8 * MiB,
+    8 * MiB,
+    16 * MiB,
+    32 * MiB,
+    64 * MiB,
+)
+DECODER_MEMLIMIT = 512 * MiB  # refuses hostile dictionary sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexRecord:
+    """One Index Record (4.3): the sizes of one Block."""
+
+    unpadded_size: int
+    uncompressed_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A Block located in a file: where it starts and what it holds."""
+
+    offset: int  # of its Block Header in the file
+    unpadded_size: int
+    uncompressed_offset: int  # in the concatenated uncompressed data
+    uncompressed_size: int
+    check: int
+    number: int  # 1-based, in file order, as `xz -lvv` numbers them
+
+    @property
+    def end(self) -> int:
+        return self.offset + _round_up(self.unpadded_size)
+
+    @property
+    def uncompressed_end(self) -> int:
+        return self.uncompressed_offset + self.uncompressed_size
+
+
+def check_size(check: int) -> int:
+    """Size of the Check field for a Check ID (2.1.1.2)."""
+    return 0 if check == 0 else 4 << ((check - 1) // 3)
+
+
+def encode_mbi(n: int) -> bytes:
+    """Multibyte integer (1.2): 7 bits per byte, least significant first."""
+    if not 0 <= n <= VLI_MAX:
+        raise ValueError(f"{n} does not fit in a multibyte integer")
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def decode_mbi(buf: bytes, pos: int) -> tuple[int, int]:
+    """Decode a multibyte integer at buf[pos]; return (value, next position)."""
+    value = 0
+    for i in range(9):
+        if pos + i >= len(buf):
+            raise XzError("multibyte integer runs past the end of the Index")
+        byte = buf[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if byte == 0 and i:
+                raise XzError("multibyte integer is not in its shortest form")
+            return value, pos + i + 1
+    raise XzError("multibyte integer is longer than 9 bytes")
+
+
+def _stream_flags(check: int) -> bytes:
+    return bytes((0, check))
+
+
+def _parse_stream_flags(flags: bytes) -> int:
+    if flags[0] or flags[1] & 0xF0:
+        raise XzError("unsupported Stream Flags (reserved bits are set)")
+    return flags[1]
+
+
+def create_stream_header(check: int) -> bytes:
+    """Stream Header (2.1.1): magic, Stream Flags, CRC32 of the flags."""
+    flags = _stream_flags(check)
+    return HEADER_MAGIC + flags + struct.pack("<I", zlib.crc32(flags))
+
+
+def parse_stream_header(buf: bytes) -> int:
+    """Check a Stream Header; return its Check ID."""
+    if len(buf) != STREAM_HEADER_SIZE or buf[:6] != HEADER_MAGIC:
+        raise XzError("not an xz file (no xz Stream Header magic)")
+    if struct.unpack("<I", buf[8:12])[0] != zlib.crc32(buf[6:8]):
+        raise XzError("Stream Header CRC32 does not match")
+    return _parse_stream_flags(buf[6:8])
+
+
+def create_stream_footer(check: int, index_size: int) -> bytes:
+    """Stream Footer (2.1.2): CRC32, Backward Size, Stream Flags, magic."""
+    body = struct.pack("<I", index_size // 4 - 1) + _stream_flags(check)
+    return struct.pack("<I", zlib.crc32(body)) + body + FOOTER_MAGIC
+
+
+def parse_stream_footer(buf: bytes) -> tuple[int, int]:
+    """Check a Stream Footer; return (Check ID, size of the Index)."""
+    if len(buf) != STREAM_FOOTER_SIZE or buf[10:] != FOOTER_MAGIC:
+        raise XzError("no xz Stream Footer at the end (truncated, or not xz)")
+    if struct.unpack("<I", buf[:4])[0] != zlib.crc32(buf[4:10]):
+        raise XzError("Stream Footer CRC32 does not match")
+    backward_size = (struct.unpack("<I", buf[4:8])[0] + 1) * 4
+    return _parse_stream_flags(buf[8:10]), backward_size
+
+
+def create_index(records: Sequence[IndexRecord]) -> bytes:
+    """Index (4): indicator, record count, records, padding, CRC32."""
+    out = bytearray(b"\0") + encode_mbi(len(records))
+    for r in records:
+        out += encode_mbi(r.unpadded_size) + encode_mbi(r.uncompressed_size)
+    out += bytes(-len(out) % 4)
+    return bytes(out + struct.pack("<I", zlib.crc32(out)))
+
+
+def parse_index(buf: bytes) -> list[IndexRecord]:
+    """Parse a whole Index field; raise XzError at the first inconsistency."""
+    if len(buf) < 8 or buf[0] != 0:
+        raise XzError("Index Indicator is missing")
+    if struct.unpack("<I", buf[-4:])[0] != zlib.crc32(buf[:-4]):
+        raise XzError("Index CRC32 does not match")
+    count, pos = decode_mbi(buf, 1)
+    records = []
+    for _ in range(count):
+        unpadded, pos = decode_mbi(buf, pos)
+        uncompressed, pos = decode_mbi(buf, pos)
+        if unpadded < 5 or unpadded > VLI_MAX - 3:  # 4.3.2: header >= 1, check, data
+            raise XzError(f"Index Record has an impossible Unpadded Size {unpadded}")
+        records.append(IndexRecord(unpadded, uncompressed))
+    if _round_up(pos) != len(buf) - 4 or any(buf[pos:-4]):
+        raise XzError("Index size does not match its record count")
+    return records
+
+
+def block_filters(preset: int, size: int) -> list[dict]:
+    """LZMA2 at `preset`, with the dictionary shrunk to the block's size."""
+    dict_size = min(PRESET_DICT_SIZE[preset], max(4096, 1 << (size - 1).bit_length()))
+    return [{"id": lzma.FILTER_LZMA2, "preset": preset, "dict_size": dict_size}]
+
+
+def compress_block(
+    data: bytes, preset: int = 6, check: int = CHECK_CRC64
+) -> tuple[bytes, IndexRecord]:
+    """Compress `data` into one xz Block (header, data, padding, check).
+
+    The stdlib cannot write a bare Block, so liblzma writes a one-Block
+    Stream and the Block is cut out of it: its Stream Header and its Index
+    and Stream Footer are dropped (FACTS.md §4).  lzma releases the GIL, so
+    threads compress Blocks in parallel.
+    """
+    stream = lzma.compress(
+        data,
+        format=lzma.FORMAT_XZ,
+        check=check,
+        filters=block_filters(preset, len(data)),
+    )
+    _, index_size = parse_stream_footer(stream[-STREAM_FOOTER_SIZE:])
+    (record,) = parse_index(
+        stream[-STREAM_FOOTER_SIZE - index_size : -STREAM_FOOTER_SIZE]
+    )
+    block = stream[STREAM_HEADER_SIZE : -STREAM_FOOTER_SIZE - index_size]
+    assert len(block) == _round_up(
+        record.unpadded_size
+    ) and record.uncompressed_size == len(data)
+    return block, record
+
+
+class XzStreamWriter:
+    """Writes exactly one xz Stream, Block by Block, with no Stream Padding."""
+
+    def __init__(self, fileobj: BinaryIO, check: int = CHECK_CRC64) -> None:
+        self.fileobj, self.check = fileobj, check
+        self.records: list[IndexRecord] = []
+        self.size = self._write(create_stream_header(check))
+
+    def _write(self, data: bytes) -> int:
+        self.fileobj.write(data)
+        return len(data)
+
+    def write_block(self, block: bytes, record: IndexRecord) -> None:
+        self.records.append(record)
+        self.size += self._write(block)
+
+    def close(self) -> None:
+        index = create_index(self.records)
+        self.size += self._write(index + create_stream_footer(self.check, len(index)))
+
+
+@dataclasses.dataclass(frozen=True)
+class XzLayout:
+    """Where the Streams and Blocks of an xz file are, read from its Indexes."""
+
+    blocks: tuple[Block, ...]
+    streams: int
+    stream_padding: int  # bytes of Stream Padding anywhere in the file
+    checks: frozenset[int]
+
+    @property
+    def uncompressed_size(self) -> int:
+        return self.blocks[-1].uncompressed_end if self.blocks else 0
+
+
+def read_xz_layout(fd: int, file_size: int, name: str = "xz file") -> XzLayout:
+    """Read the Stream Footers and Indexes of an xz file, from its end.
+
+    Handles several Streams and Stream Padding (2.2), as xz does; whether a
+    file has them is for the caller to judge (debuginfod reads only the last
+    Stream's Index, so packdebug writes one Stream and no padding).
+    """
+    streams: list[list[Block]] = []
+    checks, padding, end = set(), 0, file_size
+    while end > 0:
+        tail = _pread_exact(fd, 4, end - 4, name) if end >= 4 else b"\xff"
+        if tail == b"\0\0\0\0":
+            padding, end = padding + 4, end - 4
+            continue
+        blocks, start, check = _read_stream(fd, end, name)
+        streams.append(blocks)
+        checks.add(check)
+        end = start
+    if not streams:
+        raise XzError(f"{name}: not an xz file (empty, or only zero bytes)")
+    return XzLayout(
+        _number_blocks(reversed(streams)), len(streams), padding, frozenset(checks)
+    )
+
+
+def _read_stream(
+    fd: int, end: int, name: str
+) -> tuple[list[tuple[int, IndexRecord, int]], int, int]:
+    if end < STREAM_HEADER_SIZE + STREAM_FOOTER_SIZE + 8:
+        raise XzError(f"{name}: truncated xz file (too short for a Stream)")
+    try:
+        check, index_size = parse_stream_footer(
+            _pread_exact(fd, STREAM_FOOTER_SIZE, end - STREAM_FOOTER_SIZE, name)
+        )
+        index_at = end - STREAM_FOOTER_SIZE - index_size
+        if index_at < STREAM_HEADER_SIZE:
+            raise XzError("Backward Size points before the start of the file")
+        records = parse_index(_pread_exact(fd, index_size, index_at, name))
+        start = (
+            index_at
+            - sum(_round_up(r.unpadded_size) for r in records)
+            - STREAM_HEADER_SIZE
+        )
+        if start < 0:
+            raise XzError("the Index describes more Blocks than the file holds")
+        if (
+            parse_stream_header(_pread_exact(fd, STREAM_HEADER_SIZE, start, name))
+            != check
+        ):
+            raise XzError("Stream Header and Stream Footer disagree on the check type")
+    except XzError as e:
+        raise XzError(f"{name}: {e}") from None
+    offset, located = start + STREAM_HEADER_SIZE, []
+    for r in records:
+        located.append((offset, r, check))
+        offset += _round_up(r.unpadded_size)
+    return located, start, check
+
+
+def _number_blocks(streams: Iterable[list]) -> tuple[Block, ...]:
+    blocks, uncompressed = [], 0
+    for stream in streams:
+        for offset, r, check in stream:
+            blocks.append(
+                Block(
+                    offset,
+                    r.unpadded_size,
+                    uncompressed,
+                    r.uncompressed_size,
+                    check,
+                    len(blocks) + 1,
+                )
+            )
+            uncompressed += r.uncompressed_size
+    return tuple(blocks)
+
+
+def _pread_exact(fd: int, size: int, offset: int, name: str) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise XzError(f"{name}: truncated at offset {offset + len(data)}")
+    return data
+
+
+class BlockDecoder:
+    """Decompresses one Block incrementally, in bounded memory.
+
+    The Block is fed to liblzma inside a one-Block Stream made of a Stream
+    Header, the Block as stored, and an Index holding the file's own record
+    for it.  liblzma thereby verifies the Block's check and that the Index's
+    sizes are the Block's real sizes; both are known only at the Block's end.
+    The last WINDOW bytes produced are kept, so short steps back are free.
+    """
+
+    CHUNK = 256 << 10
+    WINDOW = 1 * MiB
+
+    def __init__(self, fd: int, block: Block, name: str) -> None:
+        self.fd, self.block, self.name = fd, block, name
+        self.position = 0  # in the Block's uncompressed data
+        self.verified = False
+        self._decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=DECODER_MEMLIMIT)
+        index = create_index(
+            [IndexRecord(block.unpadded_size, block.uncompressed_size)]
+        )
+        self._pending = [create_stream_header(block.check)]
+        self._trailer = index + create_stream_footer(block.check, len(index))
+        self._next_in = block.offset
+        self._recent = bytearray()
+
+    def _input(self) -> bytes:
+        if self._pending:
+            return self._pending.pop()
+        if self._next_in < self.block.end:
+            size = min(self.CHUNK, self.block.end - self._next_in)
+            data = os.pread(self.fd, size, self._next_in)
+            if len(data) != size:
+                raise XzError(
+                    f"{self.name}: truncated inside Block {self.block.number}"
+                )
+            self._next_in += size
+            return data
+        if self._trailer:
+            data, self._trailer = self._trailer, b""
+            return data
+        raise XzError(
+            f"{self.name}: Block {self.block.number} ends before its data does"
+        )
+
+    def _fail(self, reason: str) -> XzError:
+        where = f"Block {self.block.number} (at byte {self.block.offset})"
+        return XzError(
+            f"{self.name}: {where} {reason}; the file is damaged, get a fresh copy"
+        )
+
+    def read(self, size: int) -> bytes:
+        """Up to `size` bytes of the Block's data; b"" once it is verified."""
+        try:
+            while not self._decoder.eof:
+                data = self._input() if self._decoder.needs_input else b""
+                out = self._decoder.decompress(data, size)
+                if out:
+                    return self._produced(out)
+        except lzma.LZMAError as e:
+            if "Memory usage limit" in str(e):
+                raise self._fail(
+                    f"needs more than {DECODER_MEMLIMIT // MiB} MiB to decompress"
+                ) from None
+            raise self._fail(f"is corrupt ({e})") from None
+        if self.position != self.block.uncompressed_size:
+            raise self._fail("holds another size than its Index record says")
+        self.verified = True
+        return b""
+
+    def _produced(self, out: bytes) -> bytes:
+        self.position += len(out)
+        if self.position > self.block.uncompressed_size:
+            raise self._fail("holds more data than its Index record says")
+        self._recent += out
+        if len(self._recent) > self.WINDOW:
+            del self._recent[: len(self._recent) - self.WINDOW]
+        return out
+
+    def recent(self, position: int, size: int) -> bytes | None:
+        """Data already produced at `position`, if still in the window."""
+        at = position - (self.position - len(self._recent))
+        if at < 0 or position >= self.position:
+            return None
+        return bytes(self._recent[at : at + size])
+
+    def skip(self, size: int) -> None:
+        while size > 0:
+            out = self.read(min(size, self.CHUNK))
+            if not out:
+                raise self._fail("is shorter than its Index record says")
+            size -= len(out)
+
+    def finish(self) -> None:
+        """Decompress the rest of the Block, so that its check is verified."""
+        while self.read(self.CHUNK):
+            pass
+
+
+class XzReader(io.RawIOBase):
+    """Seekable read-only view of the uncompressed data of an xz file.
+
+    A read decompresses only the Block that holds it, from that Block's
+    start: that is the random access a multi-Block file allows.  With
+    sequential=True, moving on to a later Block first decompresses every
+    Block before it to its end, so a full read verifies every check.
+    """
+
+    def __init__(self, path, *, sequential: bool = False) -> None:
+        super().__init__()
+        self.name = os.fsdecode(path)
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise XzError(f"{self.name}: cannot open: {e.strerror}") from None
+        try:
+            self.file_size = os.fstat(self._fd).st_size
+            self.layout = read_xz_layout(self._fd, self.file_size, self.name)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.size = self.layout.uncompressed_size
+        self.sequential = sequential
+        self.verified_blocks: set[int] = set()
+        self._starts = [b.uncompressed_offset for b in self.layout.blocks]
+        self._pos = 0
+        self._decoder: BlockDecoder | None = None
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        """Read like a regular file: short only at the end of the data."""
+        size = self.size - self._pos if size is None or size < 0 else size
+        parts = []
+        while size > 0:
+            data = self.read_at(self._pos, size)
+            if not data:
+                break
+            parts.append(data)
+            self._pos += len(data)
+            size -= len(data)
+        return b"".join(parts)
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Up to `size` bytes at `offset`, from one Block at most."""
+        if offset >= self.size or size <= 0:
+            return b""
+        decoder = self._decoder_at(offset)
+        position = offset - decoder.block.uncompressed_offset
+        recent = decoder.recent(position, size)
+        if recent is not None:
+            return recent
+        decoder.skip(position - decoder.position)
+        data = decoder.read(size)
+        if decoder.position == decoder.block.uncompressed_size:
+            self._finish(decoder)
+        return data
+
+    def _decoder_at(self, offset: int) -> BlockDecoder:
+        index = bisect.bisect_right(self._starts, offset) - 1
+        block = self.layout.blocks[index]
+        current = self._decoder
+        if current and current.block is block:
+            position = offset - block.uncompressed_offset
+            if position >= current.position or current.recent(position, 1) is not None:
+                return current
+        if self.sequential:
+            self._finish_through(index)
+        self._decoder = BlockDecoder(self._fd, block, self.name)
+        return self._decoder
+
+    def _finish(self, decoder: BlockDecoder) -> None:
+        decoder.finish()
+        self.verified_blocks.add(decoder.block.number)
+
+    def _finish_through(self, index: int) -> None:
+        """Decompress the current Block and every later one before `index`."""
+        first = 0
+        if self._decoder:
+            self._finish(self._decoder)
+            first = self._decoder.block.number
+        for block in self.layout.blocks[first:index]:
+            if block.number not in self.verified_blocks:
+                self._finish(BlockDecoder(self._fd, block, self.name))
+
+    def finish_block(self) -> None:
+        """Decompress the rest of the current Block, verifying its check."""
+        if self._decoder:
+            self._finish(self._decoder)
+
+    def verify_all(self) -> None:
+        """Decompress every Block not yet verified to its end."""
+        self._finish_through(len(self.layout.blocks))
+
+
+# ---------------------------------------------------------------------------
+# 3. tar member collection
+# ---------------------------------------------------------------------------
+
+_SKIPPED_KINDS = {
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+}
+
+
+@dataclasses.dataclass
+class Member:
+    """One entry of the image that goes into the tarball."""
+
+    path: bytes  # relative to the image: b"usr/lib/debug/usr/bin/x.debug"
+    st: os.stat_result
+    info: tarfile.TarInfo  # its reproducible tar header
+    elf: ElfInfo | None = None  # for ELF files under usr/lib/debug
+    elf_error: str = ""  # why the ELF headers could not be read
+
+    @property
+    def is_debug_elf(self) -> bool:
+        return self.elf is not None or bool(self.elf_error)
+
+
+@dataclasses.dataclass
+class ImageScan:
+    """What `pack` found under one image's debug trees."""
+
+    image: bytes
+    members: list[Member]
+    children: dict[bytes, list[bytes]]  # every listed directory: its entries
+    skipped: list[tuple[bytes, str]]  # (path, kind) of entries tar cannot hold
+
+    @property
+    def files(self) -> list[Member]:
+        return [m for m in self.members if not m.info.isdir()]
+
+    @property
+    def data_size(self) -> int:
+        return sum(m.info.size for m in self.members if m.info.isreg())
+
+
+def member_name(path: bytes) -> str:
+    """Tar member name for an image path: the bytes, decoded losslessly."""
+    return path.decode("utf-8", "surrogateescape")
+
+
+def reproducible_header(
+    path: bytes, st: os.stat_result, source_date_epoch: int | None
+) -> tarfile.TarInfo:
+    """The tar header of one entry, independent of owner, umask and time of day.
+
+    Owner root:root, permission bits without setuid/setgid/sticky, integer
+    mtime clamped to SOURCE_DATE_EPOCH (reproducible-builds.org) when set.
+    """
+    info = tarfile.TarInfo(member_name(path))
+    info.mode = stat.S_IMODE(st.st_mode) & 0o777
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    mtime = int(st.st_mtime)
+    info.mtime = mtime if source_date_epoch is None else min(mtime, source_date_epoch)
+    if stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(st.st_mode):
+        info.type = tarfile.SYMTYPE
+    else:
+        info.size = st.st_size
+    return info
+
+
+def _is_protected(path: bytes) -> bool:
+    """True for usr/lib/debug/.tarball and every directory above it."""
+    tarball_dir = TARBALL_DIR.encode()
+    return path == tarball_dir or tarball_dir.startswith(path + b"/") or not path
+
+
+def scan_image(image, source_date_epoch: int | None = None) -> ImageScan:
+    """Collect the debug trees of an image in tarball order.
+
+    usr/src/debug, then usr/lib/debug (without usr/lib/debug/.tarball), each
+    depth-first with entries sorted by their bytes, so neither directory
+    read order nor locale changes the order.  Symlinks are never followed.
+    The second and later names of a hardlinked file become tar hardlinks.
+    """
+    image = os.fsencode(image)
+    scan = ImageScan(image, [], {}, [])
+    first_name: dict[tuple[int, int], str] = {}
+    for root in DEBUG_TREES:
+        root = root.encode()
+        if not os.path.lexists(os.path.join(image, root)):
+            continue
+        _list_ancestors(scan, root)
+        stack = [root]
+        while stack:
+            path = stack.pop()
+            member = _scan_entry(scan, path, source_date_epoch, first_name)
+            if member and member.info.isdir():
+                stack.extend(
+                    c
+                    for c in reversed(scan.children[path])
+                    if c != TARBALL_DIR.encode()
+                )
+    _date_directories(scan.members)
+    return scan
+
+
+def _date_directories(members: list[Member]) -> None:
+    """Give each non-empty directory the newest mtime of what it holds.
+
+    A directory's own mtime records when entries were added or removed,
+    which packing itself does (mkdir .tarball in usr/lib/debug): taking it
+    from the packed entries keeps a repeated pack byte-identical.
+    """
+    newest: dict[bytes, int] = {}
+    for member in reversed(members):  # children before their parents
+        if member.info.isdir() and member.path in newest:
+            member.info.mtime = newest[member.path]
+        parent = os.path.dirname(member.path)
+        newest[parent] = max(newest.get(parent, member.info.mtime), member.info.mtime)
+
+
+def _list_ancestors(scan: ImageScan, root: bytes) -> None:
+    parent = os.path.dirname(root)
+    while parent and not _is_protected(parent):
+        scan.children[parent] = _list_dir(scan.image, parent)
+        parent = os.path.dirname(parent)
+
+
+def _list_dir(image: bytes, path: bytes) -> list[bytes]:
+    try:
+        names = sorted(os.listdir(os.path.join(image, path)))
+    except OSError as e:
+        raise PackError(
+            f"{os.fsdecode(os.path.join(image, path))}: cannot list: {e.strerror}"
+        ) from None
+    return [path + b"/" + name for name in names]
+
+
+def _scan_entry(
+    scan: ImageScan, path: bytes, sde: int | None, first_name: dict
+) -> Member | None:
+    full = os.path.join(scan.image, path)
+    try:
+        st = os.lstat(full)
+    except OSError as e:
+        raise PackError(f"{os.fsdecode(full)}: cannot stat: {e.strerror}") from None
+    kind = _SKIPPED_KINDS.get(stat.S_IFMT(st.st_mode))
+    if kind:
+        scan.skipped.append((path, kind))
+        return None
+    member = Member(path, st, reproducible_header(path, st, sde))
+    if stat.S_ISDIR(st.st_mode):
+        scan.children[path] = _list_dir(scan.image, path)
+    elif stat.S_ISLNK(st.st_mode):
+        member.info.linkname = member_name(os.readlink(full))
+    elif st.st_nlink > 1 and (st.st_dev, st.st_ino) in first_name:
+        member.info.type = tarfile.LNKTYPE
+        member.info.linkname = first_name[(st.st_dev, st.st_ino)]
+        member.info.size = 0
+    else:
+        first_name.setdefault((st.st_dev, st.st_ino), member.info.name)
+        if path.startswith(b"usr/lib/debug/"):
+            _read_debug_elf(member, full)
+    scan.members.append(member)
+    return member
+
+
+def _read_debug_elf(member: Member, full: bytes) -> None:
+    try:
+        member.elf = read_elf_file(full)
+    except ElfError as e:
+        member.elf_error = str(e)
+
+
+# ---------------------------------------------------------------------------
+# 4. packing
+# ---------------------------------------------------------------------------
+
+BLOCK_SIZE = 8 * MiB  # largest uncompressed Block; see README "Block layout"
+LARGE_MEMBER = 1 * MiB  # members at least this big get Blocks of their own
+READ_CHUNK = 1 * MiB
+RECORD_SIZE = tarfile.RECORDSIZE  # GNU tar and tarfile pad archives to 10 KiB
+CUT = None  # in a tar stream: end the current xz Block here
+
+
+@dataclasses.dataclass
+class PackOptions:
+    preset: int = 6
+    jobs: int = 0  # 0: one per CPU
+    block_size: int = BLOCK_SIZE
+    large_member: int = LARGE_MEMBER
+
+    @property
+    def threads(self) -> int:
+        return self.jobs or available_cpus()
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def tar_stream(
+    scan: ImageScan, large_member: int = LARGE_MEMBER
+) -> Iterator[bytes | None]:
+    """The tar archive of an image scan, as pieces of bytes and CUT marks.
+
+    A member whose data is at least `large_member` bytes starts a new Block
+    with its header, and the member after it starts another, so extracting
+    it never decompresses its neighbours.  The end-of-archive marker gets a
+    Block of its own: any archive with a member then has more than one
+    Block, which is what makes debuginfod >= 0.192 seek in it.
+    """
+    offset = 0
+    for member in scan.members:
+        info = member.info
+        large = info.type == tarfile.REGTYPE and info.size >= large_member
+        if large:
+            yield CUT
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        yield header
+        offset += len(header)
+        if info.type == tarfile.REGTYPE and info.size:
+            yield from _file_data(scan.image, member)
+            offset += _round_up(info.size, tarfile.BLOCKSIZE)
+        if large:
+            yield CUT
+    yield CUT
+    end = bytes(2 * tarfile.BLOCKSIZE)
+    yield end + bytes(-(offset + len(end)) % RECORD_SIZE)
+
+
+def _file_data(image: bytes, member: Member) -> Iterator[bytes]:
+    """A regular file's bytes and tar padding; it must not change meanwhile."""
+    full = os.path.join(image, member.path)
+    name = os.fsdecode(full)
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise PackError(f"{name}: cannot open: {e.strerror}") from None
+    with open(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (member.st.st_dev, member.st.st_ino):
+            raise PackError(f"{name}: replaced while packing; pack again")
+        left = member.info.size
+        while left:
+            chunk = f.read(min(READ_CHUNK, left))
+            if not chunk:
+                raise PackError(f"{name}: shrank while packing; pack again")
+            left -= len(chunk)
+            yield chunk
+        if f.read(1):
+            raise PackError(f"{name}: grew while packing; pack again")
+    yield bytes(-member.info.size % tarfile.BLOCKSIZE)
+
+
+def split_blocks(stream: Iterable[bytes | None], block_size: int) -> Iterator[bytes]:
+    """Cut a tar stream into Block payloads at CUT marks and at block_size."""
+    buf = bytearray()
+    for piece in stream:
+        if piece is CUT:
+            if buf:
+                yield bytes(buf)
+                buf.clear()
+            continue
+        view = memoryview(piece)
+        while view:
+            take = block_size - len(buf)
+            buf += view[:take]
+            view = view[take:]
+            if len(buf) == block_size:
+                yield bytes(buf)
+                buf.clear()
+    if buf:
+        yield bytes(buf)
+
+
+def compress_blocks(
+    payloads: Iterable[bytes], preset: int, jobs: int
+) -> Iterator[tuple[bytes, IndexRecord, int]]:
+    """Compress Blocks on `jobs` threads; yield (Block, record, input size) in order.
+
+    At most jobs + 1 payloads are in flight, so memory stays bounded by
+    about jobs x (encoder + 2 Blocks), whatever the size of the image.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=jobs, thread_name_prefix="packdebug-xz"
+    )
+    pending: list[tuple[concurrent.futures.Future, int]] = []
+    try:
+        for payload in payloads:
+            pending.append((pool.submit(compress_block, payload, preset), len(payload)))
+            while len(pending) > jobs:
+                future, size = pending.pop(0)
+                yield (*future.result(), size)
+        for future, size in pending:
+            yield (*future.result(), size)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A file that appears at `path` complete and fsynced, or not at all.
+
+    The data goes to a hidden ".NAME.XXXXXXXX.tmp" beside `path` (never
+    matching *-debug.tar.xz, so neither debuginfod nor prune looks at it),
+    which is renamed over `path` at the end and removed on any failure,
+    SIGINT or SIGTERM.  A previous file at `path` stays intact until then.
+    """
+    directory = os.path.dirname(path) or "."
+    fd, temp = _create_temporary(directory, os.path.basename(path))
+    try:
+        with open(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        os.replace(temp, path)
+    except OSError as e:
+        raise PackError(f"{path}: cannot write: {e.strerror}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+    _fsync_dir(directory)
+
+
+def _create_temporary(directory: str, name: str) -> tuple[int, str]:
+    while True:
+        temp = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.tmp")
+        try:
+            return os.open(
+                temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            ), temp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise PackError(
+                f"{directory}: cannot create a file there: {e.strerror}"
+            ) from None
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclasses.dataclass
+class PackResult:
+    output: str
+    scan: ImageScan
+    size: int = 0  # of the tarball
+    tar_size: int = 0  # uncompressed
+    blocks: int = 0
+    removed_files: int = 0
+    removed_dirs: int = 0
+
+
+ProgressFn = Callable[[int, int], None]  # (tar bytes in, xz bytes out)
+
+
+def write_tarball(
+    scan: ImageScan,
+    output: str,
+    options: PackOptions,
+    progress: ProgressFn | None = None,
+) -> PackResult:
+    """Write the scan's tarball to `output` atomically; return what was written."""
+    result = PackResult(output, scan)
+    payloads = split_blocks(tar_stream(scan, options.large_member), options.block_size)
+    with atomic_output(output) as f:
+        writer = XzStreamWriter(f)
+        blocks = compress_blocks(payloads, options.preset, options.threads)
+        with contextlib.closing(blocks):
+            for block, record, size in blocks:
+                writer.write_block(block, record)
+                result.tar_size += size
+                if progress:
+                    progress(result.tar_size, writer.size)
+        writer.close()
+    result.size, result.blocks = writer.size, len(writer.records)
+    return result
+
+
+def removal_plan(scan: ImageScan) -> tuple[list[Member], list[bytes]]:
+    """What --remove-packed deletes: the packed files, then emptied directories.
+
+    A directory goes only if every entry in it is packed and going, so one
+    that was empty before packing stays (packages install some on purpose),
+    and so do usr/lib/debug/.tarball and every directory above it.  The
+    directories are listed deepest first, ready for rmdir.
+    """
+    files = scan.files
+    going = {m.path for m in files}
+    dirs: list[bytes] = []
+    candidates = [m.path for m in scan.members if m.info.isdir()]
+    candidates += [p for p in scan.children if p not in going and p not in candidates]
+    for path in sorted(candidates, key=lambda p: -p.count(b"/")):
+        entries = scan.children.get(path, [])
+        if entries and not _is_protected(path) and all(e in going for e in entries):
+            going.add(path)
+            dirs.append(path)
+    return files, dirs
+
+
+def remove_packed(scan: ImageScan, log: Log) -> tuple[int, int]:
+    """Delete what removal_plan lists; a file changed since packing stays."""
+    files, dirs = removal_plan(scan)
+    removed_files = removed_dirs = 0
+    for member in files:
+        full = os.path.join(scan.image, member.path)
+        try:
+            st = os.lstat(full)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != (
+                member.st.st_ino,
+                member.st.st_size,
+                member.st.st_mtime_ns,
+            ):
+                log.warning(f"{os.fsdecode(full)}: changed since it was packed; kept")
+                continue
+            os.unlink(full)
+            removed_files += 1
+        except OSError as e:
+            log.warning(f"{os.fsdecode(full)}: cannot remove: {e.strerror}")
+    for path in dirs:
+        try:
+            os.rmdir(os.path.join(scan.image, path))
+            removed_dirs += 1
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                log.warning(
+                    f"{os.fsdecode(os.path.join(scan.image, path))}: cannot remove: {e.strerror}"
+                )
+    return removed_files, removed_dirs
+
+
+# ---------------------------------------------------------------------------
+# 6. binhost upkeep: settings
+# ---------------------------------------------------------------------------
+
+PORTAGE_CHECKED = "3.0.83"  # the Portage release these settings were read in
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A Portage variable that packdebug tarballs need, appended to."""
+
+    variable: str
+    append: str
+    where: str
+    why: str
+
+
+SETTINGS = (
+    Setting(
+        "UNINSTALL_IGNORE",
+        "/usr/lib/debug/.tarball/*",
+        "make.conf",
+        "keeps old debug tarballs when their package is upgraded or removed, so clients "
+        "still running old binaries can fetch symbols. emerge reads it from its own "
+        "configuration, never from the ebuild environment (special_env_vars.py "
+        "environ_filter; vartree.py unmerge), so bashrc cannot set it.",
+    ),
+    Setting(
+        "COLLISION_IGNORE",
+        "/usr/lib/debug/.tarball/*",
+        "make.conf",
+        "tarballs kept by UNINSTALL_IGNORE belong to no package; without this a rebuild "
+        "that writes one again stops on a file collision (vartree.py _collision_protect). "
+        "Read by emerge like UNINSTALL_IGNORE, so bashrc cannot set it.",
+    ),
+    Setting(
+        "PKG_INSTALL_MASK",
+        "/usr/lib/debug/ /usr/src/debug/",
+        "make.conf or bashrc",
+        "keeps split debug info out of binary packages; clients fetch it through "
+        "debuginfod. The package phase reads build-info/PKG_INSTALL_MASK, saved from the "
+        "ebuild environment at the end of src_install (phase-functions.sh), so bashrc works too.",
+    ),
+)
+
+DEDUP_SETTING = Setting(
+    "INSTALL_MASK",
+    "/usr/lib/debug/ /usr/src/debug/ -/usr/lib/debug/.tarball",
+    "make.conf or bashrc",
+    "binhost only: do not keep the debug info twice, on disk and in the tarball (a "
+    "leading '-' excepts a path; the last match wins). Portage applies INSTALL_MASK "
+    "when merging, BEFORE pkg_preinst (vartree.py treewalk: preinst_mask, then the "
+    "preinst phase), so this suits Portage's own FEATURES=packdebug, which packs in the "
+    "package phase. packdebug's pre_pkg_preinst hook would find the debug info gone: "
+    "with packdebug, leave this out and use `pack --remove-packed` "
+    "(`packdebug settings --bashrc --dedup`).",
+)
+
+
+def portage_settings(dedup: bool = False) -> list[Setting]:
+    return [*SETTINGS, DEDUP_SETTING] if dedup else list(SETTINGS)
+
+
+def format_settings(settings: Sequence[Setting], fmt: str) -> str:
+    """Render settings as make.conf lines, bashrc `export`s, or JSON."""
+    if fmt == "json":
+        rows = [dataclasses.asdict(s) for s in settings]
+        return (
+            json.dumps({"portage": PORTAGE_CHECKED, "settings": rows}, indent=2) + "\n"
+        )
+    lines = [
+        f"# Settings for packdebug tarballs (checked against Portage {PORTAGE_CHECKED})."
+    ]
+    for s in settings:
+        lines.append("")
+        lines.extend("# " + line for line in _wrap(f"{s.where}: {s.why}", 76))
+        if fmt == "shell":
+            lines.append(
+                f'export {s.variable}="${{{s.variable}:+${{{s.variable}}} }}"{shlex.quote(s.append)}'
+            )
+        else:
+            lines.append(f'{s.variable}="${{{s.variable}}} {s.append}"')
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return lines + [line] if line else lines
+
+
+def bashrc_snippet(dedup: bool = False, command: str = "") -> str:
+    """A ready /etc/portage/bashrc hook that packs every merged package."""
+    command = command or shlex.quote(os.path.realpath(__file__))
+    flags = "pack -q --remove-packed" if dedup else "pack -q"
+    return f"""\
+# packdebug: pack split debug info into a seekable debuginfod tarball.
+# pre_pkg_preinst is the first phase hook that sees the image after estrip
+# has split the debug info and after the package phase has written
+# build-info/BUILD_ID. If this bashrc already has a pre_pkg_preinst,
+# add the command below to it instead.
+pre_pkg_preinst() {{
+\tED="${{ED}}" CATEGORY="${{CATEGORY}}" PN="${{PN}}" PF="${{PF}}" \\
+\tBUILD_ID="${{BUILD_ID}}" PORTAGE_BUILDDIR="${{PORTAGE_BUILDDIR}}" \\
+\t\t{command} {flags} || die "packdebug could not pack the debug info"
+}}
+"""
+
+
+# ---------------------------------------------------------------------------
+# 7. command line
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PackTarget:
+    image: str  # ${ED}
+    output: str
+    build_id: str | None
+
+
+def resolve_pack_target(args: argparse.Namespace, environ: dict) -> PackTarget:
+    """ED, CATEGORY, PN, PF and BUILD_ID from flags, else as Portage sets them."""
+    image = _image_dir(args, environ)
+    build_id = args.build_id or environ.get("BUILD_ID") or _build_id_file(environ)
+    if build_id is not None and not build_id.isdigit():
+        raise UsageError(
+            f"BUILD_ID {build_id!r} is not a number, as Portage's are; check --build-id"
+        )
+    if args.output:
+        output = os.path.abspath(args.output)
+        _check_output(image, output)
+        return PackTarget(image, output, build_id)
+    names = {
+        var: _portage_name(var, getattr(args, var.lower()), environ)
+        for var in ("CATEGORY", "PN", "PF")
+    }
+    stem = f"{names['PF']}-{build_id}" if build_id else names["PF"]
+    output = os.path.join(
+        image, TARBALL_DIR, names["CATEGORY"], names["PN"], stem + TARBALL_SUFFIX
+    )
+    return PackTarget(image, output, build_id)
+
+
+def _image_dir(args: argparse.Namespace, environ: dict) -> str:
+    eprefix = args.eprefix if args.eprefix is not None else environ.get("EPREFIX", "")
+    if args.image:
+        image = os.path.join(args.image, eprefix.lstrip("/"))
+    elif environ.get("ED"):
+        image = environ["ED"]
+    elif environ.get("D"):
+        image = os.path.join(environ["D"], eprefix.lstrip("/"))
+    else:
+        raise UsageError(
+            "no image: ED (or D and EPREFIX) is not set; run from a Portage phase hook, or pass --image"
+        )
+    if not os.path.isdir(image):
+        raise UsageError(
+            f"{image}: the image directory does not exist (check ED or --image)"
+        )
+    return os.path.abspath(image)
+
+
+def _build_id_file(environ: dict) -> str | None:
+    """BUILD_ID as the package phase saves it with binpkg-multi-instance."""
+    builddir = environ.get("PORTAGE_BUILDDIR")
+    if not builddir:
+        return None
+    try:
+        with open(
+            os.path.join(builddir, "build-info", "BUILD_ID"), encoding="utf-8"
+        ) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UsageError(
+            f"{builddir}/build-info/BUILD_ID: cannot read: {e.strerror}"
+        ) from None
+
+
+def _portage_name(var: str, flag_value: str | None, environ: dict) -> str:
+    value = flag_value or environ.get(var)
+    flag = f"--{var.lower()}"
+    if not value:
+        raise UsageError(
+            f"{var} is not set: run from a Portage phase hook, or pass {flag}"
+        )
+    if "/" in value or value in (".", "..") or "\0" in value:
+        raise UsageError(f"{var} {value!r} is not a valid name (check {flag})")
+    return value
+
+
+def _check_output(image: str, output: str) -> None:
+    inside = os.path.relpath(output, image)
+    for tree in DEBUG_TREES:
+        if (inside + "/").startswith(tree + "/") and not inside.startswith(
+            TARBALL_DIR + "/"
+        ):
+            raise UsageError(
+                f"{output}: --output inside {tree} would be packed next time; put it under {TARBALL_DIR}"
+            )
+
+
+def source_date_epoch(environ: dict) -> int | None:
+    value = environ.get("SOURCE_DATE_EPOCH")
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise UsageError(
+            f"SOURCE_DATE_EPOCH={value!r} is not a whole number of seconds"
+        )
+    return int(value)
+
+
+def cmd_pack(args: argparse.Namespace, log: Log) -> int:
+    target = resolve_pack_target(args, os.environ)
+    scan = scan_image(target.image, source_date_epoch(os.environ))
+    for path, kind in scan.skipped:
+        log.warning(
+            f"{os.fsdecode(os.path.join(scan.image, path))}: skipped, a {kind} cannot go in the tarball"
+        )
+    if not scan.files:
+        log.info(
+            f"packdebug: nothing to pack: {target.image} has no files under {' or '.join(DEBUG_TREES)}"
+            + _install_mask_hint(os.environ)
+        )
+        return 0
+    _check_build_ids(scan, args.strict, log)
+    if target.build_id is None and not args.output:
+        log.info(
+            "packdebug: no BUILD_ID (FEATURES=binpkg-multi-instance off, or no binary package built): "
+            f"naming the tarball {os.path.basename(target.output)}"
+        )
+    if args.dry_run:
+        return _pack_dry_run(scan, target, args, log)
+    created = _make_parents(target.output)
+    try:
+        result = write_tarball(
+            scan, target.output, _pack_options(args), _progress(args, log, scan)
+        )
+    except BaseException:
+        _remove_dirs(created)
+        raise
+    _report_pack(result, log)
+    if args.remove_packed:
+        files, dirs = remove_packed(scan, log)
+        log.info(
+            f"removed {files} packed files and {dirs} emptied directories from {target.image}"
+        )
+    return 0
+
+
+def _install_mask_hint(environ: dict) -> str:
+    masked = [
+        p
+        for p in environ.get("INSTALL_MASK", "").split()
+        if p.rstrip("/*") in ("/usr/lib/debug", "/usr/src/debug")
+    ]
+    if not masked:
+        return ""
+    return (
+        " (INSTALL_MASK removes them before pkg_preinst; pack with --remove-packed instead"
+        " of masking them)"
+    )
+
+
+def _check_build_ids(scan: ImageScan, strict: bool, log: Log) -> None:
+    bad = []
+    for m in scan.members:
+        full = os.fsdecode(os.path.join(scan.image, m.path))
+        if m.elf_error:
+            bad.append(f"{m.elf_error}: debuginfod cannot index it")
+        elif m.elf is not None and not m.elf.build_id:
+            bad.append(
+                f"{full}: debug ELF without a build-id: debuginfod cannot serve it (build with -Wl,--build-id)"
+            )
+    if bad and strict:
+        raise PackError("\n  ".join(["--strict: refusing to pack:", *bad]))
+    for message in bad:
+        log.warning(message)
+
+
+def _pack_options(args: argparse.Namespace) -> PackOptions:
+    return PackOptions(preset=args.preset, jobs=args.jobs, block_size=args.block_size)
+
+
+def _make_parents(path: str) -> list[str]:
+    """Create missing parent directories 0755 (as install -d); return them."""
+    created = []
+    parent = os.path.dirname(path)
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    for directory in reversed(created):
+        try:
+            os.mkdir(directory)
+            os.chmod(directory, 0o755)
+        except OSError as e:
+            _remove_dirs(created)
+            raise PackError(f"{directory}: cannot create: {e.strerror}") from None
+    return created
+
+
+def _remove_dirs(created: list[str]) -> None:
+    for directory in created:  # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+
+def _pack_dry_run(
+    scan: ImageScan, target: PackTarget, args: argparse.Namespace, log: Log
+) -> int:
+    log.info(
+        f"would pack {len(scan.files)} files ({format_size(scan.data_size)}) into {target.output}"
+    )
+    for m in scan.members:
+        log.detail(f"  {m.info.name}")
+    if args.remove_packed:
+        files, dirs = removal_plan(scan)
+        for path in [m.path for m in files] + dirs:
+            log.info(f"would remove {os.fsdecode(os.path.join(scan.image, path))}")
+    return 0
+
+
+def _report_pack(result: PackResult, log: Log) -> None:
+    scan = result.scan
+    for m in scan.members:
+        if not m.info.isdir():
+            build_id = f"  {m.elf.build_id}" if m.elf and m.elf.build_id else ""
+            log.detail(f"  {m.info.name}  {format_size(m.info.size)}{build_id}")
+    elf = [m for m in scan.members if m.is_debug_elf]
+    with_id = sum(1 for m in elf if m.elf and m.elf.build_id)
+    log.info(
+        f"packed {len(scan.files)} files ({format_size(scan.data_size)}; {with_id} of {len(elf)} debug ELF "
+        f"with a build-id) into {result.output}: {format_size(result.size)} in {result.blocks} xz blocks"
+    )
+
+
+def _progress(args: argparse.Namespace, log: Log, scan: ImageScan) -> ProgressFn | None:
+    return None
+
+
+def cmd_buildid(args: argparse.Namespace, log: Log) -> int:
+    status = 0
+    for path in args.files:
+        try:
+            build_id = read_build_id(path)
+        except PackdebugError as e:
+            log.warning(str(e))
+            status = 1
+            continue
+        if build_id is None:
+            log.warning(
+                f"{path}: no GNU build-id (not ELF, or linked without --build-id)"
+            )
+            status = 1
+        else:
+            print(f"{build_id}  {path}", file=log.out)
+    return status
+
+
+def cmd_settings(args: argparse.Namespace, log: Log) -> int:
+    if args.bashrc:
+        snippet = bashrc_snippet(args.dedup)
+        text = (
+            json.dumps({"bashrc": snippet}, indent=2) + "\n"
+            if args.format == "json"
+            else snippet
+        )
+    else:
+        text = format_settings(portage_settings(args.dedup), args.format)
+    log.out.write(text)
+    return 0
+
+
+def parse_size(text: str) -> int:
+    """'8MiB', '8M', '512k' or '1048576' -> bytes (argparse type)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not match or int(match.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 8MiB")
+    return int(match.group(1)) << (10 * " kmg".index(match.group(2).lower() or " "))
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="packdebug",
+        formatter_class=_HelpFormatter,
+        description="Pack Gentoo split debug info into seekable, reproducible .tar.xz for debuginfod.",
+        epilog="Run `packdebug COMMAND --help` for each command. Start with `packdebug settings`.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"packdebug {__version__}"
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    noise = common.add_mutually_exclusive_group()
+    noise.add_argument(
+        "-v",
+        "--verbose",
+        action="store_const",
+        const=1,
+        dest="verbosity",
+        default=0,
+        help="say more: list each file",
+    )
+    noise.add_argument(
+        "-q",
+        "--quiet",
+        action="store_const",
+        const=-1,
+        dest="verbosity",
+        help="print only warnings and errors",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    _add_pack(commands, common)
+    _add_buildid(commands, common)
+    _add_settings(commands, common)
+    return parser
+
+
+def _add_pack(commands, common) -> None:
+    p = commands.add_parser(
+        "pack",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="pack one Portage image's debug info into a tarball",
+        description="""\
+Pack ${ED}/usr/src/debug and ${ED}/usr/lib/debug into
+${ED}/usr/lib/debug/.tarball/${CATEGORY}/${PN}/${PF}-${BUILD_ID}-debug.tar.xz
+
+Every input defaults from the Portage environment, so a bashrc hook needs no
+arguments (see `packdebug settings --bashrc`).  BUILD_ID is read from the
+environment, else from ${PORTAGE_BUILDDIR}/build-info/BUILD_ID; without one the
+tarball is ${PF}-debug.tar.xz.
+
+The tarball is one xz stream of independent blocks (debuginfod >= 0.192 seeks
+in it), byte-identical for the same image (owner root, sorted names, modes
+without setuid, mtimes clamped to SOURCE_DATE_EPOCH), and appears atomically.""",
+        epilog="""\
+examples:
+  packdebug pack                       # inside a Portage phase hook
+  packdebug pack --image /var/tmp/portage/app-misc/hello-1.0/image \\
+      --category app-misc --pn hello --pf hello-1.0 --build-id 1
+  packdebug pack --image ./image --output /tmp/hello-debug.tar.xz -v""",
+    )
+    inputs = p.add_argument_group(
+        "inputs (default: the Portage variable of the same name)"
+    )
+    inputs.add_argument(
+        "--image",
+        metavar="D",
+        help="image root, ${D} (default: ${ED}, or ${D}${EPREFIX})",
+    )
+    inputs.add_argument(
+        "--eprefix",
+        metavar="EPREFIX",
+        help="offset prefix inside the image (default: ${EPREFIX})",
+    )
+    inputs.add_argument("--category", metavar="CATEGORY")
+    inputs.add_argument("--pn", metavar="PN")
+    inputs.add_argument("--pf", metavar="PF")
+    inputs.add_argument(
+        "--build-id",
+        metavar="N",
+        help="binpkg BUILD_ID (a number, not an ELF build-id)",
+    )
+    inputs.add_argument(
+        "--output", metavar="FILE", help="write here instead of the .tarball path"
+    )
+    packing = p.add_argument_group("packing")
+    packing.add_argument(
+        "-j",
+        "--jobs",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="compress on N threads (default: all CPUs); the output does not depend on it",
+    )
+    for level in range(10):
+        packing.add_argument(
+            f"-{level}",
+            dest="preset",
+            action="store_const",
+            const=level,
+            help=argparse.SUPPRESS,
+        )
+    packing.add_argument(
+        "--preset",
+        type=int,
+        choices=range(10),
+        default=6,
+        metavar="0-9",
+        help="xz preset, also -0 ... -9 (default: 6, as xz)",
+    )
+    packing.add_argument(
+        "--block-size",
+        type=parse_size,
+        default=BLOCK_SIZE,
+        metavar="SIZE",
+        help=f"largest uncompressed xz block (default: {BLOCK_SIZE // MiB}MiB)",
+    )
+    packing.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail if a debug ELF has no build-id or cannot be read",
+    )
+    after = p.add_argument_group("afterwards")
+    after.add_argument(
+        "--remove-packed",
+        action="store_true",
+        help="delete the packed files from the image once the tarball is in place, and the "
+        "directories that emptied (not one that was empty before, not .tarball)",
+    )
+    after.add_argument(
+        "-n",
+        "--dry-run",
+        action="store_true",
+        help="show what would be packed and removed; write nothing",
+    )
+    p.set_defaults(run=cmd_pack, preset=6)
+
+
+def _add_buildid(commands, common) -> None:
+    p = commands.add_parser(
+        "buildid",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="print the GNU build-id of ELF files",
+        description="Print `BUILDID  PATH` for each ELF file, reading only its headers and notes.\n"
+        "Exits 1 if any file has no build-id.",
+        epilog="example:\n  packdebug buildid /usr/bin/ls /usr/lib/debug/usr/bin/ls.debug",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(run=cmd_buildid)
+
+
+def _add_settings(commands, common) -> None:
+    p = commands.add_parser(
+        "settings",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="print the Portage settings that go with packdebug tarballs",
+        description="Print the Portage settings a binhost needs beside packdebug tarballs,\n"
+        "each with a comment saying where it must go and why.",
+        epilog="examples:\n"
+        "  packdebug settings >> /etc/portage/make.conf\n"
+        "  packdebug settings --bashrc >> /etc/portage/bashrc\n"
+        "  packdebug settings --format json",
+    )
+    p.add_argument(
+        "--format",
+        choices=("make.conf", "shell", "json"),
+        default="make.conf",
+        help="make.conf lines (default), `export` lines for eval in a bashrc, or JSON",
+    )
+    p.add_argument(
+        "--dedup",
+        action="store_true",
+        help="also keep the debug info out of the binhost's own disk (see the comments)",
+    )
+    p.add_argument(
+        "--bashrc",
+        action="store_true",
+        help="print an /etc/portage/bashrc hook that runs `packdebug pack`",
+    )
+    p.set_defaults(run=cmd_settings)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanups run."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log = Log(args.verbosity)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return args.run(args, log)
+    except PackdebugError as e:
+        print(f"packdebug: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("packdebug: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("packdebug: terminated; nothing was written", file=sys.stderr)
+        return 143
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (`| head`); not an error of ours
+        return 141
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
