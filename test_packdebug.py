@@ -391,15 +391,20 @@ def test_index_round_trips_and_rejects_a_flipped_bit():
             pd.parse_index(bytes(broken))
 
 
-def test_written_stream_is_valid_xz_with_one_block_per_payload(tmp_path):
-    need("xz")
-    payloads = [b"a" * 100_000, os.urandom(70_000), b"tail"]
-    path = tmp_path / "t.xz"
+def write_xz(path: pathlib.Path, payloads: list) -> None:
+    """One xz stream with one block per payload, as packdebug writes it."""
     with open(path, "wb") as f:
         writer = pd.XzStreamWriter(f)
         for payload in payloads:
             writer.write_block(*pd.compress_block(payload))
         writer.close()
+
+
+def test_written_stream_is_valid_xz_with_one_block_per_payload(tmp_path):
+    need("xz")
+    payloads = [b"a" * 100_000, os.urandom(70_000), b"tail"]
+    path = tmp_path / "t.xz"
+    write_xz(path, payloads)
     run("xz", "-t", path)
     assert xz_summary(path) == {
         "streams": 1,
@@ -420,11 +425,7 @@ def test_reader_reads_any_range_of_a_multi_block_file(tmp_path):
     ]
     whole = b"".join(payloads)
     path = tmp_path / "t.xz"
-    with open(path, "wb") as f:
-        writer = pd.XzStreamWriter(f)
-        for payload in payloads:
-            writer.write_block(*pd.compress_block(payload))
-        writer.close()
+    write_xz(path, payloads)
     reader = pd.XzReader(path)
     for _ in range(200):
         offset = rng.randrange(len(whole) + 10)
