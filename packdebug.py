@@ -33,6 +33,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import functools
 import io
 import json
 import lzma
@@ -815,7 +816,8 @@ class XzReader(io.RawIOBase):
         self.size = self.layout.uncompressed_size
         self.sequential = sequential
         self.verified_blocks: set[int] = set()
-        self._starts = [b.uncompressed_offset for b in self.layout.blocks]
+        self.decoded = 0  # uncompressed bytes produced so far, for measuring
+        self.block_starts = [b.uncompressed_offset for b in self.layout.blocks]
         self._pos = 0
         self._decoder: BlockDecoder | None = None
 
@@ -848,13 +850,19 @@ class XzReader(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:
         """Read like a regular file: short only at the end of the data."""
         size = self.size - self._pos if size is None or size < 0 else size
+        data = self.pread(self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def pread(self, offset: int, size: int) -> bytes:
+        """`size` bytes at `offset`, fewer only at the end of the data."""
         parts = []
         while size > 0:
-            data = self.read_at(self._pos, size)
+            data = self.read_at(offset, size)
             if not data:
                 break
             parts.append(data)
-            self._pos += len(data)
+            offset += len(data)
             size -= len(data)
         return b"".join(parts)
 
@@ -867,14 +875,16 @@ class XzReader(io.RawIOBase):
         recent = decoder.recent(position, size)
         if recent is not None:
             return recent
+        before = decoder.position
         decoder.skip(position - decoder.position)
         data = decoder.read(size)
+        self.decoded += decoder.position - before
         if decoder.position == decoder.block.uncompressed_size:
             self._finish(decoder)
         return data
 
     def _decoder_at(self, offset: int) -> BlockDecoder:
-        index = bisect.bisect_right(self._starts, offset) - 1
+        index = bisect.bisect_right(self.block_starts, offset) - 1
         block = self.layout.blocks[index]
         current = self._decoder
         if current and current.block is block:
@@ -887,7 +897,9 @@ class XzReader(io.RawIOBase):
         return self._decoder
 
     def _finish(self, decoder: BlockDecoder) -> None:
+        before = decoder.position
         decoder.finish()
+        self.decoded += decoder.position - before
         self.verified_blocks.add(decoder.block.number)
 
     def _finish_through(self, index: int) -> None:
@@ -1015,23 +1027,25 @@ def scan_image(image, source_date_epoch: int | None = None) -> ImageScan:
                     for c in reversed(scan.children[path])
                     if c != TARBALL_DIR.encode()
                 )
-    _date_directories(scan.members)
+    _date_directories([m.info for m in scan.members])
     return scan
 
 
-def _date_directories(members: list[Member]) -> None:
+def _date_directories(infos: Sequence[tarfile.TarInfo]) -> None:
     """Give each non-empty directory the newest mtime of what it holds.
 
     A directory's own mtime records when entries were added or removed,
     which packing itself does (mkdir .tarball in usr/lib/debug): taking it
-    from the packed entries keeps a repeated pack byte-identical.
+    from the packed entries keeps a repeated pack byte-identical.  `infos`
+    must be in member order (parents before children).
     """
-    newest: dict[bytes, int] = {}
-    for member in reversed(members):  # children before their parents
-        if member.info.isdir() and member.path in newest:
-            member.info.mtime = newest[member.path]
-        parent = os.path.dirname(member.path)
-        newest[parent] = max(newest.get(parent, member.info.mtime), member.info.mtime)
+    newest: dict[str, int] = {}
+    for info in reversed(infos):  # children before their parents
+        name = info.name.rstrip("/")
+        if info.isdir() and name in newest:
+            info.mtime = newest[name]
+        parent = os.path.dirname(name)
+        newest[parent] = max(newest.get(parent, info.mtime), info.mtime)
 
 
 def _list_ancestors(scan: ImageScan, root: bytes) -> None:
@@ -1095,7 +1109,6 @@ BLOCK_SIZE = 8 * MiB  # largest uncompressed Block; see README "Block layout"
 LARGE_MEMBER = 1 * MiB  # members at least this big get Blocks of their own
 READ_CHUNK = 1 * MiB
 RECORD_SIZE = tarfile.RECORDSIZE  # GNU tar and tarfile pad archives to 10 KiB
-CUT = None  # in a tar stream: end the current xz Block here
 
 
 @dataclasses.dataclass
@@ -1117,38 +1130,57 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def tar_stream(
-    scan: ImageScan, large_member: int = LARGE_MEMBER
-) -> Iterator[bytes | None]:
-    """The tar archive of an image scan, as pieces of bytes and CUT marks.
+def tar_blocks(
+    entries: Iterable[tuple[tarfile.TarInfo, Callable[[], Iterable[bytes]]]],
+    block_size: int = BLOCK_SIZE,
+    large_member: int = LARGE_MEMBER,
+) -> Iterator[bytes]:
+    """Lay a tar archive out as xz Block payloads.
 
-    A member whose data is at least `large_member` bytes starts a new Block
-    with its header, and the member after it starts another, so extracting
-    it never decompresses its neighbours.  The end-of-archive marker gets a
-    Block of its own: any archive with a member then has more than one
-    Block, which is what makes debuginfod >= 0.192 seek in it.
+    `entries` are (header, data) pairs, data() yielding exactly the member's
+    bytes.  Small members share Blocks of up to block_size, cut between
+    members.  A large member (at least `large_member` bytes, or too big for
+    a Block) starts a new Block with its header, its data is cut every
+    block_size, and the member after it starts a new Block: extracting it
+    never decompresses its neighbours.  So every Block starts with a tar
+    header except those continuing a large member, which is what lets
+    `find` and `extract` locate a member by reading only Block starts.
+    The end-of-archive marker gets a Block of its own: any archive with a
+    member then has more than one Block, which debuginfod >= 0.192 needs
+    to seek in it.
     """
+    block = bytearray()
     offset = 0
-    for member in scan.members:
-        info = member.info
-        large = info.type == tarfile.REGTYPE and info.size >= large_member
-        if large:
-            yield CUT
+    for info, data in entries:
         header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        yield header
-        offset += len(header)
-        if info.type == tarfile.REGTYPE and info.size:
-            yield from _file_data(scan.image, member)
-            offset += _round_up(info.size, tarfile.BLOCKSIZE)
-        if large:
-            yield CUT
-    yield CUT
+        size = info.size if info.type == tarfile.REGTYPE else 0
+        padded = _round_up(size, tarfile.BLOCKSIZE)
+        large = size >= large_member or len(header) + padded > block_size
+        if block and (large or len(block) + len(header) + padded > block_size):
+            yield bytes(block)
+            block.clear()
+        for piece in (header, *((data(),) if size else ()), bytes(padded - size)):
+            for chunk in (piece,) if isinstance(piece, bytes) else piece:
+                view = memoryview(chunk)
+                while view:
+                    take = block_size - len(block)
+                    block += view[:take]
+                    view = view[take:]
+                    if len(block) == block_size:
+                        yield bytes(block)
+                        block.clear()
+        offset += len(header) + padded
+        if large and block:
+            yield bytes(block)
+            block.clear()
+    if block:
+        yield bytes(block)
     end = bytes(2 * tarfile.BLOCKSIZE)
     yield end + bytes(-(offset + len(end)) % RECORD_SIZE)
 
 
 def _file_data(image: bytes, member: Member) -> Iterator[bytes]:
-    """A regular file's bytes and tar padding; it must not change meanwhile."""
+    """A regular file's bytes; it must not change while it is packed."""
     full = os.path.join(image, member.path)
     name = os.fsdecode(full)
     try:
@@ -1168,28 +1200,6 @@ def _file_data(image: bytes, member: Member) -> Iterator[bytes]:
             yield chunk
         if f.read(1):
             raise PackError(f"{name}: grew while packing; pack again")
-    yield bytes(-member.info.size % tarfile.BLOCKSIZE)
-
-
-def split_blocks(stream: Iterable[bytes | None], block_size: int) -> Iterator[bytes]:
-    """Cut a tar stream into Block payloads at CUT marks and at block_size."""
-    buf = bytearray()
-    for piece in stream:
-        if piece is CUT:
-            if buf:
-                yield bytes(buf)
-                buf.clear()
-            continue
-        view = memoryview(piece)
-        while view:
-            take = block_size - len(buf)
-            buf += view[:take]
-            view = view[take:]
-            if len(buf) == block_size:
-                yield bytes(buf)
-                buf.clear()
-    if buf:
-        yield bytes(buf)
 
 
 def compress_blocks(
@@ -1268,26 +1278,22 @@ def _fsync_dir(directory: str) -> None:
 @dataclasses.dataclass
 class PackResult:
     output: str
-    scan: ImageScan
     size: int = 0  # of the tarball
     tar_size: int = 0  # uncompressed
     blocks: int = 0
-    removed_files: int = 0
-    removed_dirs: int = 0
 
 
 ProgressFn = Callable[[int, int], None]  # (tar bytes in, xz bytes out)
 
 
-def write_tarball(
-    scan: ImageScan,
+def write_blocks(
+    payloads: Iterable[bytes],
     output: str,
     options: PackOptions,
     progress: ProgressFn | None = None,
 ) -> PackResult:
-    """Write the scan's tarball to `output` atomically; return what was written."""
-    result = PackResult(output, scan)
-    payloads = split_blocks(tar_stream(scan, options.large_member), options.block_size)
+    """Compress Block payloads into one xz stream at `output`, atomically."""
+    result = PackResult(output)
     with atomic_output(output) as f:
         writer = XzStreamWriter(f)
         blocks = compress_blocks(payloads, options.preset, options.threads)
@@ -1300,6 +1306,24 @@ def write_tarball(
         writer.close()
     result.size, result.blocks = writer.size, len(writer.records)
     return result
+
+
+def write_tarball(
+    scan: ImageScan,
+    output: str,
+    options: PackOptions,
+    progress: ProgressFn | None = None,
+) -> PackResult:
+    """Write the scan's tarball to `output` atomically; return what was written."""
+    entries = (
+        (m.info, functools.partial(_file_data, scan.image, m)) for m in scan.members
+    )
+    return write_blocks(
+        tar_blocks(entries, options.block_size, options.large_member),
+        output,
+        options,
+        progress,
+    )
 
 
 def removal_plan(scan: ImageScan) -> tuple[list[Member], list[bytes]]:
@@ -1355,7 +1379,970 @@ def remove_packed(scan: ImageScan, log: Log) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------
-# 6. binhost upkeep: settings
+# 5. reading / extraction
+# ---------------------------------------------------------------------------
+
+PAX_LIMIT = 1 * MiB  # a pax or GNU long-name header larger than this is hostile
+LINK_DEPTH = 40  # symlink hops, as the kernel's ELOOP limit
+MEMBER_KINDS = (
+    "debuginfo",
+    "executable",
+    "source",
+    "symlink",
+    "hardlink",
+    "directory",
+    "other",
+)
+
+
+def name_problems(name: str) -> list[str]:
+    """Why a member name is not clean, as packdebug writes names."""
+    problems = []
+    if name.startswith("/"):
+        problems.append("absolute path")
+    parts = name.rstrip("/").split("/")
+    if ".." in parts:
+        problems.append("'..' component")
+    if name.startswith("./"):
+        problems.append("leading './'")
+    elif "." in parts:
+        problems.append("'.' component")
+    if "//" in name.lstrip("/"):
+        problems.append("'//'")
+    return problems
+
+
+def normalize_name(name: str) -> str:
+    """A member name as debuginfod and tar resolve it: no '.', '', or '/'."""
+    return "/".join(p for p in name.split("/") if p not in ("", "."))
+
+
+def canonical_key(name: str) -> tuple[int, tuple[bytes, ...]]:
+    """Sort key of packdebug's member order: sources, then debug, then the rest.
+
+    Within each tree, sorting by the path's components gives depth-first
+    order with entries sorted by their bytes, as scan_image walks.
+    """
+    parts = tuple(
+        p.encode("utf-8", "surrogateescape") for p in normalize_name(name).split("/")
+    )
+    for rank, tree in enumerate(DEBUG_TREES):
+        top = tuple(t.encode() for t in tree.split("/"))
+        if parts[: len(top)] == top:
+            return rank, parts
+    return len(DEBUG_TREES), parts
+
+
+class _TarCursor:
+    """What tarfile.TarInfo.fromtarfile() reads from a TarFile.
+
+    TarFile.next() probes the byte before each header, which would make a
+    seekable xz file decompress the previous member's last Block; reading
+    headers through this cursor instead touches only the headers.
+    """
+
+    encoding, errors = "utf-8", "surrogateescape"
+
+    def __init__(self, fileobj: XzReader) -> None:
+        self.fileobj = fileobj
+        self.pax_headers: dict = {}
+        self.offset = 0
+
+
+class Archive:
+    """A .tar.xz opened for reading: its xz Blocks, and tar on top of them."""
+
+    def __init__(self, path, *, sequential: bool = False) -> None:
+        self.path = os.fsdecode(path)
+        self.reader = XzReader(path, sequential=sequential)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def _fail(self, message: str) -> ArchiveError:
+        return ArchiveError(f"{self.path}: {message}")
+
+    def header_at(self, offset: int) -> tarfile.TarInfo | None:
+        """The member whose header starts at `offset`; None at end of archive."""
+        cursor = _TarCursor(self.reader)
+        cursor.offset = offset
+        first = self.reader.pread(offset, tarfile.BLOCKSIZE)
+        if len(first) < tarfile.BLOCKSIZE:
+            if not first:
+                return None
+            raise self._fail(
+                f"tar header at byte {offset} is cut off: truncated archive"
+            )
+        if not any(first):
+            return None
+        try:
+            peek = tarfile.TarInfo.frombuf(first, cursor.encoding, cursor.errors)
+            if (
+                peek.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, *tarfile.GNU_TYPES)
+                and peek.size > PAX_LIMIT
+            ):
+                raise self._fail(
+                    f"extended header at byte {offset} claims {peek.size} bytes"
+                )
+            self.reader.seek(offset)
+            info = tarfile.TarInfo.fromtarfile(cursor)
+        except tarfile.HeaderError as e:
+            raise self._fail(
+                f"bad tar header at byte {offset} ({e}): not a tar archive, or damaged"
+            ) from None
+        if (
+            info.type not in tarfile.SUPPORTED_TYPES
+            or info.type == tarfile.GNUTYPE_SPARSE
+        ):
+            raise self._fail(
+                f"member {info.name!r} has unsupported tar type {info.type!r}"
+            )
+        if info.offset_data + self.data_size(info) > self.reader.size:
+            raise self._fail(f"member {info.name!r} runs past the end of the archive")
+        return info
+
+    @staticmethod
+    def data_size(info: tarfile.TarInfo) -> int:
+        return info.size if info.isreg() else 0
+
+    @staticmethod
+    def next_offset(info: tarfile.TarInfo) -> int:
+        """Where the header after this member starts."""
+        return info.offset_data + _round_up(Archive.data_size(info), tarfile.BLOCKSIZE)
+
+    def members(self, start: int = 0) -> Iterator[tarfile.TarInfo]:
+        """Every member from the header at `start` on, reading only headers."""
+        offset = start
+        while True:
+            info = self.header_at(offset)
+            if info is None:
+                return
+            yield info
+            offset = self.next_offset(info)
+
+    def pread(self, info: tarfile.TarInfo, offset: int, size: int) -> bytes:
+        """Bytes of a member's data, as read_elf's read_at wants them."""
+        return self.reader.pread(info.offset_data + offset, size)
+
+    def data(self, info: tarfile.TarInfo, chunk: int = READ_CHUNK) -> Iterator[bytes]:
+        """A member's data, in order, in bounded chunks."""
+        done, size = 0, self.data_size(info)
+        while done < size:
+            piece = self.reader.pread(info.offset_data + done, min(chunk, size - done))
+            if not piece:
+                raise self._fail(
+                    f"member {info.name!r} runs past the end of the archive"
+                )
+            done += len(piece)
+            yield piece
+
+    def elf_info(
+        self, info: tarfile.TarInfo, *, sections: bool = True
+    ) -> ElfInfo | None:
+        """ElfInfo of a regular member, or None if it is not ELF."""
+        if not info.isreg() or info.size < 4 or self.pread(info, 0, 4) != ELF_MAGIC:
+            return None
+        return read_elf(
+            functools.partial(self.pread, info),
+            info.size,
+            f"{self.path}:{info.name}",
+            sections=sections,
+        )
+
+    def locate(self, name: str) -> tarfile.TarInfo | None:
+        """The member called `name` (any spelling), reading as little as possible.
+
+        In packdebug's layout (sorted members, every Block but a large
+        member's continuation starting with a header, the end marker in its
+        own Block) only Block starts are read to find the right Block.  Any
+        other archive is searched header by header.
+        """
+        wanted = normalize_name(name)
+        start = (
+            self._block_holding(canonical_key(wanted))
+            if self._is_packdebug_layout()
+            else 0
+        )
+        if start is not None:
+            for info in self.members(start):
+                if normalize_name(info.name) == wanted:
+                    return info
+        return None if start == 0 else self.locate_by_walking(wanted)
+
+    def locate_by_walking(self, name: str) -> tarfile.TarInfo | None:
+        wanted = normalize_name(name)
+        return next(
+            (i for i in self.members() if normalize_name(i.name) == wanted), None
+        )
+
+    def _is_packdebug_layout(self) -> bool:
+        blocks = self.reader.layout.blocks
+        if len(blocks) < 2 or self.reader.layout.streams != 1:
+            return False
+        last = blocks[-1]
+        return last.uncompressed_size >= 2 * tarfile.BLOCKSIZE and not any(
+            self.reader.pread(last.uncompressed_offset, 2 * tarfile.BLOCKSIZE)
+        )
+
+    def _block_holding(self, key: tuple) -> int | None:
+        """Offset of the last header-starting Block whose first member sorts <= key.
+
+        Returns None when the Block starts do not behave as packdebug writes
+        them (a header that does not parse, names out of order).
+        """
+        blocks, starts = self.reader.layout.blocks, self.reader.block_starts
+        found, previous, index = 0, None, 0
+        while index < len(blocks):
+            block = blocks[index]
+            try:
+                info = self.header_at(block.uncompressed_offset)
+            except ArchiveError:
+                return None
+            if info is None:
+                break
+            first = canonical_key(info.name)
+            if previous is not None and first < previous:
+                return None
+            if first > key:
+                break
+            found, previous = block.uncompressed_offset, first
+            end = self.next_offset(info)
+            if end <= block.uncompressed_end:
+                index += 1
+                continue
+            index = bisect.bisect_left(
+                starts, end
+            )  # skip the member's continuation Blocks
+            if index == len(starts) or starts[index] != end:
+                return None
+        return found
+
+    def resolve(self, info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        """Follow symlinks and hardlinks inside the archive to a regular member."""
+        for _ in range(LINK_DEPTH):
+            if info.isreg():
+                return info
+            if info.issym():
+                base = os.path.dirname(normalize_name(info.name))
+                target = (
+                    info.linkname
+                    if info.linkname.startswith("/")
+                    else f"{base}/{info.linkname}"
+                )
+                target = os.path.normpath("/" + target).lstrip("/")
+            elif info.islnk():
+                target = normalize_name(info.linkname)
+            else:
+                return None
+            found = self.locate(target)
+            if found is None:
+                return None
+            info = found
+        return None
+
+    def find_build_id(self, build_id: str) -> tarfile.TarInfo | None:
+        """The regular member holding the ELF with that build-id.
+
+        First through the .build-id/xx/yyyy.debug link estrip makes (a few
+        headers), confirmed by the ELF note; else every ELF member's notes.
+        """
+        link = self.locate(
+            f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+        )
+        target = self.resolve(link) if link is not None else None
+        if target is not None and self._has_build_id(target, build_id):
+            return target
+        return next(
+            (i for i in self.members() if self._has_build_id(i, build_id)), None
+        )
+
+    def _has_build_id(self, info: tarfile.TarInfo, build_id: str) -> bool:
+        try:
+            elf = self.elf_info(info, sections=False)
+        except ElfError:
+            return False
+        return elf is not None and elf.build_id == build_id
+
+
+def member_kind(info: tarfile.TarInfo, elf: ElfInfo | None) -> str:
+    """Classify a member as debuginfod does (debuginfod.cxx elf_classify)."""
+    if info.issym():
+        return "symlink"
+    if info.islnk():
+        return "hardlink"
+    if info.isdir():
+        return "directory"
+    if not info.isreg():
+        return "other"
+    if elf and elf.is_debuginfo:
+        return "debuginfo"
+    if elf and elf.is_executable:
+        return "executable"
+    return "source"  # debuginfod indexes every other file as a possible source
+
+
+@dataclasses.dataclass
+class Listing:
+    name: str
+    size: int
+    kind: str
+    build_id: str | None = None
+    link: str | None = None
+    problem: str = ""
+
+
+def list_archive(archive: Archive) -> Iterator[Listing]:
+    """Each member with its kind and build-id, reading headers and ELF notes only."""
+    for info in archive.members():
+        elf, problem = None, ""
+        try:
+            elf = archive.elf_info(info)
+        except ElfError as e:
+            problem = str(e)
+        link = info.linkname if info.issym() or info.islnk() else None
+        yield Listing(
+            info.name,
+            Archive.data_size(info),
+            member_kind(info, elf),
+            elf and elf.build_id,
+            link,
+            problem,
+        )
+
+
+class SafeExtractor:
+    """Extracts members under one directory and refuses all that could escape it.
+
+    Refused: absolute names, '..', symlinks and hardlinks leading outside,
+    devices, FIFOs.  setuid/setgid/sticky bits are dropped.  Every path is
+    opened component by component with O_NOFOLLOW below the directory, so a
+    symlink extracted earlier cannot redirect a later member (the checks of
+    Python's tarfile 'data' filter, on every supported Python).
+    """
+
+    def __init__(self, archive: Archive, dest: str) -> None:
+        self.archive, self.dest = archive, os.path.abspath(dest)
+        os.makedirs(self.dest, exist_ok=True)
+        self.dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dir_times: list[tuple[str, int, int]] = []
+
+    def close(self) -> None:
+        os.close(self.dest_fd)
+
+    def refuse(self, info: tarfile.TarInfo, why: str) -> UnsafeMemberError:
+        return UnsafeMemberError(
+            f"{self.archive.path}: refusing member {info.name!r}: {why}; nothing was written outside {self.dest}"
+        )
+
+    def extract(self, info: tarfile.TarInfo) -> None:
+        problems = [
+            p
+            for p in name_problems(info.name)
+            if p in ("absolute path", "'..' component")
+        ]
+        if problems:
+            raise self.refuse(info, problems[0])
+        parts = normalize_name(info.name).split("/")
+        if parts == [""]:
+            return
+        if info.isdir():
+            self._with_parent(parts, lambda fd, name: self._mkdir(fd, name, info))
+        elif info.isreg():
+            self._with_parent(parts, lambda fd, name: self._write(fd, name, info))
+        elif info.issym():
+            self._check_inside(info, parts[:-1], info.linkname)
+            self._with_parent(
+                parts,
+                lambda fd, name: self._replace(
+                    fd, name, lambda: os.symlink(info.linkname, name, dir_fd=fd)
+                ),
+            )
+        elif info.islnk():
+            self._link(info, parts)
+        else:
+            raise self.refuse(
+                info, "devices, FIFOs and other special files are not extracted"
+            )
+
+    def _check_inside(
+        self, info: tarfile.TarInfo, where: list[str], target: str
+    ) -> None:
+        if target.startswith("/"):
+            raise self.refuse(info, f"symlink to an absolute path {target!r}")
+        depth = 0
+        for part in where + target.split("/"):
+            depth += -1 if part == ".." else 0 if part in ("", ".") else 1
+            if depth < 0:
+                raise self.refuse(
+                    info, f"symlink {target!r} points outside the directory"
+                )
+
+    def _with_parent(
+        self, parts: list[str], action: Callable[[int, str], None]
+    ) -> None:
+        fd = os.dup(self.dest_fd)
+        try:
+            for part in parts[:-1]:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                try:
+                    child = os.open(
+                        part,
+                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=fd,
+                    )
+                except OSError:
+                    raise UnsafeMemberError(
+                        f"{self.archive.path}: refusing to extract under {'/'.join(parts[:-1])!r}: "
+                        "it is a symlink or not a directory; nothing was written outside "
+                        + self.dest
+                    ) from None
+                os.close(fd)
+                fd = child
+            action(fd, parts[-1])
+        finally:
+            os.close(fd)
+
+    def _mkdir(self, fd: int, name: str, info: tarfile.TarInfo) -> None:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=fd)
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            raise self.refuse(info, "a non-directory of that name was extracted before")
+        sub = os.open(
+            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+        )
+        try:
+            os.chmod(sub, info.mode & 0o777 | 0o700)
+        finally:
+            os.close(sub)
+        self.dir_times.append(
+            (normalize_name(info.name), info.mode & 0o777, int(info.mtime))
+        )
+
+    def _replace(self, fd: int, name: str, create: Callable[[], None]) -> None:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            os.unlink(name, dir_fd=fd)
+        create()
+
+    def _write(self, fd: int, name: str, info: tarfile.TarInfo) -> None:
+        def create() -> None:
+            out = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=fd,
+            )
+            with open(out, "wb") as f:
+                f.writelines(self.archive.data(info))
+                os.fchmod(out, info.mode & 0o777)
+                os.utime(out, (int(info.mtime), int(info.mtime)))
+
+        self._replace(fd, name, create)
+
+    def _link(self, info: tarfile.TarInfo, parts: list[str]) -> None:
+        target = normalize_name(info.linkname)
+        if info.linkname.startswith("/") or ".." in target.split("/"):
+            raise self.refuse(
+                info, f"hardlink to {info.linkname!r} outside the directory"
+            )
+        source = target.split("/")
+        self._with_parent(
+            source,
+            lambda sfd, sname: self._with_parent(
+                parts,
+                lambda fd, name: self._replace(
+                    fd,
+                    name,
+                    lambda: os.link(
+                        sname,
+                        name,
+                        src_dir_fd=sfd,
+                        dst_dir_fd=fd,
+                        follow_symlinks=False,
+                    ),
+                ),
+            ),
+        )
+
+    def finish(self) -> None:
+        """Directory modes and mtimes last, as tar does, deepest first."""
+        for path, mode, mtime in sorted(self.dir_times, reverse=True):
+            parts = path.split("/")
+
+            def settle(fd: int, name: str, mode=mode, mtime=mtime) -> None:
+                os.chmod(name, mode, dir_fd=fd)
+                os.utime(name, (mtime, mtime), dir_fd=fd, follow_symlinks=False)
+
+            self._with_parent(parts, settle)
+
+
+def extract_all(archive: Archive, dest: str) -> int:
+    """Extract every member safely under dest; return how many."""
+    extractor = SafeExtractor(archive, dest)
+    count = 0
+    try:
+        for info in archive.members():
+            extractor.extract(info)
+            count += 1
+        archive.reader.verify_all()
+        extractor.finish()
+    finally:
+        extractor.close()
+    return count
+
+
+@dataclasses.dataclass
+class Check:
+    """One line of `verify`: what was checked, whether it passed, and how."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclasses.dataclass
+class Verification:
+    path: str
+    checks: list[Check]
+    members: list[tarfile.TarInfo]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def passed(self, *names: str) -> bool:
+        return all(c.ok for c in self.checks if c.name in names)
+
+
+def seekability(layout: XzLayout) -> Check:
+    """Whether debuginfod >= 0.192 seeks in the file (debuginfod.cxx is_seekable_archive)."""
+    blocks = len(layout.blocks)
+    if layout.streams > 1:
+        return Check(
+            "seekable",
+            False,
+            f"{layout.streams} xz streams: debuginfod reads only the last one's "
+            "index and would serve wrong bytes; repack it",
+        )
+    if layout.stream_padding:
+        return Check(
+            "seekable",
+            False,
+            "stream padding after the stream footer: debuginfod decompresses it "
+            "whole for every request; repack it",
+        )
+    if blocks < 2:
+        return Check(
+            "seekable",
+            False,
+            f"{blocks} xz block: debuginfod needs more than one to seek, so it "
+            "decompresses the whole file for every request; repack it",
+        )
+    return Check("seekable", True, f"debuginfod >= 0.192 seeks in its {blocks} blocks")
+
+
+def _container_check(layout: XzLayout, reader: XzReader) -> Check:
+    names = ", ".join(
+        LIBLZMA_CHECKS.get(c, f"check 0x{c:02x}") for c in sorted(layout.checks)
+    )
+    shape = f"{layout.streams} stream{'s' * (layout.streams > 1)}, {len(layout.blocks)} blocks, {names}"
+    unverifiable = layout.checks - {CHECK_CRC32, CHECK_CRC64, CHECK_SHA256}
+    if unverifiable:
+        return Check(
+            "xz", False, f"{shape}: {names} cannot be verified (xz --check=crc64 can)"
+        )
+    if layout.streams != 1 or layout.stream_padding:
+        return Check(
+            "xz",
+            False,
+            f"{shape}, {layout.stream_padding} bytes of stream padding: packdebug writes "
+            "exactly one stream without padding",
+        )
+    missing = len(layout.blocks) - len(reader.verified_blocks)
+    if missing:
+        return Check("xz", False, f"{shape}: {missing} blocks not verified")
+    return Check("xz", True, f"{shape}, every block's check verified")
+
+
+class _TarAudit:
+    """What one sequential pass over the members finds for `verify`."""
+
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self.members: list[tarfile.TarInfo] = []
+        self.by_name: dict[str, tarfile.TarInfo] = {}
+        self.build_ids: dict[str, str | None] = {}
+        self.problems: dict[str, list[str]] = {"tar": [], "build-ids": [], "names": []}
+        self.debug_elf = 0
+
+    def run(self) -> None:
+        for info in self.archive.members():
+            self.add(info)
+        end = Archive.next_offset(self.members[-1]) if self.members else 0
+        if self.archive.reader.pread(end, 2 * tarfile.BLOCKSIZE) != bytes(
+            2 * tarfile.BLOCKSIZE
+        ):
+            self.problems["tar"].append("no end-of-archive marker")
+        self.archive.reader.verify_all()
+
+    def add(self, info: tarfile.TarInfo) -> None:
+        name = normalize_name(info.name)
+        self.members.append(info)
+        problems = name_problems(info.name)
+        if problems:
+            self.problems["names"].append(f"{info.name!r}: {', '.join(problems)}")
+        if name in self.by_name:
+            self.problems["tar"].append(f"duplicate member {name!r}")
+        if info.islnk() and normalize_name(info.linkname) not in self.by_name:
+            self.problems["tar"].append(
+                f"hardlink {name!r} to {info.linkname!r}, which comes later or not at all"
+            )
+        self.by_name[name] = info
+        if info.isreg() and name.startswith("usr/lib/debug/"):
+            self._check_elf(name, info)
+
+    def _check_elf(self, name: str, info: tarfile.TarInfo) -> None:
+        try:
+            elf = self.archive.elf_info(info, sections=False)
+        except ElfError as e:
+            self.debug_elf += 1
+            self.problems["build-ids"].append(str(e))
+            return
+        if elf is None:
+            return
+        self.debug_elf += 1
+        self.build_ids[name] = elf.build_id
+        if not elf.build_id:
+            self.problems["build-ids"].append(f"{name}: debug ELF without a build-id")
+
+    def link_problems(self) -> tuple[int, list[str]]:
+        """Each .build-id/xx/yyyy.debug link must reach an ELF with that build-id."""
+        links = [
+            n
+            for n, i in self.by_name.items()
+            if i.issym()
+            and re.fullmatch(
+                r"usr/lib/debug/\.build-id/[0-9a-f]{2}/[0-9a-f]+\.debug", n
+            )
+        ]
+        problems = []
+        for name in links:
+            target = self._resolve(name)
+            build_id = name.split("/")[-2] + name.split("/")[-1][: -len(".debug")]
+            if target is None:
+                problems.append(
+                    f"{name} -> {self.by_name[name].linkname}: does not resolve inside the archive"
+                )
+            elif self.build_ids.get(target) != build_id:
+                problems.append(
+                    f"{name} -> {target}: that file's build-id is {self.build_ids.get(target)}"
+                )
+        return len(links), problems
+
+    def _resolve(self, name: str) -> str | None:
+        for _ in range(LINK_DEPTH):
+            info = self.by_name.get(name)
+            if info is None or info.isreg():
+                return name if info is not None else None
+            if info.issym():
+                target = (
+                    f"{os.path.dirname(name)}/{info.linkname}"
+                    if not info.linkname.startswith("/")
+                    else info.linkname
+                )
+                name = os.path.normpath("/" + target).lstrip("/")
+            elif info.islnk():
+                name = normalize_name(info.linkname)
+            else:
+                return None
+        return None
+
+
+def verify_archive(path) -> Verification:
+    """Every check of `packdebug verify`, in one sequential pass."""
+    archive = Archive(path, sequential=True)
+    audit = _TarAudit(archive)
+    try:
+        audit.run()
+    except XzError as e:
+        layout_checks = [
+            Check("xz", False, str(e).replace(f"{archive.path}: ", "")),
+            seekability(archive.reader.layout),
+        ]
+        return Verification(
+            archive.path,
+            layout_checks
+            + [Check("tar", False, "not checked: the xz data is damaged")],
+            audit.members,
+        )
+    except ArchiveError as e:
+        audit.problems["tar"].insert(0, str(e).replace(f"{archive.path}: ", ""))
+        with contextlib.suppress(XzError):
+            archive.reader.verify_all()
+    finally:
+        archive.close()
+    links, link_problems = audit.link_problems()
+    regular = sum(1 for m in audit.members if m.isreg())
+    checks = [
+        _container_check(archive.reader.layout, archive.reader),
+        seekability(archive.reader.layout),
+        _problems_check(
+            "tar",
+            audit.problems["tar"],
+            f"{len(audit.members)} members ({regular} files), end-of-archive marker",
+        ),
+        _problems_check(
+            "build-ids",
+            audit.problems["build-ids"],
+            f"{audit.debug_elf} debug ELF, each with a build-id",
+        ),
+        _problems_check(
+            "links",
+            link_problems,
+            f"{links} .build-id/*.debug links, each resolving inside the archive to its ELF",
+        ),
+        _problems_check(
+            "names", audit.problems["names"], "member names are relative and clean"
+        ),
+    ]
+    return Verification(archive.path, checks, audit.members)
+
+
+def _problems_check(name: str, problems: list[str], fine: str) -> Check:
+    if not problems:
+        return Check(name, True, fine)
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return Check(name, False, "; ".join(problems[:5]) + more)
+
+
+def copy_member(archive: Archive, info: tarfile.TarInfo, out: BinaryIO) -> None:
+    """Copy a member's data, verifying the checks of every Block it spans.
+
+    Reads from the member's header on, so the Blocks holding the header and
+    the data are each decompressed to their end and so checked.
+    """
+    reader = archive.reader
+    reader.seek(info.offset)
+    reader.read(info.offset_data - info.offset)
+    out.writelines(archive.data(info))
+    reader.finish_block()
+
+
+# ---------------------------------------------------------------------------
+# 6. binhost upkeep: repack
+# ---------------------------------------------------------------------------
+
+RANDOM_ACCESS_BLOCK = 2 * BLOCK_SIZE  # larger Blocks are spooled, not re-read
+
+
+def canonical_headers(
+    members: Sequence[tarfile.TarInfo], source_date_epoch: int | None = None
+) -> list[tuple[tarfile.TarInfo, tarfile.TarInfo]]:
+    """(canonical header, original member) pairs in packdebug's member order.
+
+    Names are normalized, headers made reproducible as pack makes them, and
+    of each set of hardlinked names the first in the new order holds the data.
+    """
+    data_of: dict[str, str] = {}  # hardlink name -> name of the member with its data
+    for info in members:
+        if info.islnk():
+            target = normalize_name(info.linkname)
+            data_of[normalize_name(info.name)] = data_of.get(target, target)
+    ordered = sorted(members, key=lambda i: canonical_key(i.name))
+    holder: dict[str, str] = {}  # original data member -> first name in the new order
+    pairs = []
+    for info in ordered:
+        name = normalize_name(info.name)
+        new = tarfile.TarInfo(name)
+        new.mode, new.uid, new.gid, new.uname, new.gname = (
+            info.mode & 0o777,
+            0,
+            0,
+            "root",
+            "root",
+        )
+        mtime = int(info.mtime)
+        new.mtime = (
+            mtime if source_date_epoch is None else min(mtime, source_date_epoch)
+        )
+        original = data_of.get(name, name) if (info.islnk() or info.isreg()) else None
+        if info.isdir():
+            new.type = tarfile.DIRTYPE
+        elif info.issym():
+            new.type, new.linkname = tarfile.SYMTYPE, info.linkname
+        elif original is not None and original in holder:
+            new.type, new.linkname = tarfile.LNKTYPE, holder[original]
+        elif original is not None:
+            holder[original] = name
+            new.type = tarfile.REGTYPE
+        else:
+            raise ArchiveError(
+                f"member {info.name!r}: a {info.type!r} member cannot be repacked"
+            )
+        pairs.append((new, info))
+    _date_directories([new for new, _ in pairs])
+    return pairs
+
+
+def _data_sources(
+    pairs, members: Sequence[tarfile.TarInfo]
+) -> dict[str, tarfile.TarInfo]:
+    """For each new regular member, the original member that holds its data."""
+    by_name = {normalize_name(i.name): i for i in members}
+    sources = {}
+    for new, info in pairs:
+        if new.type == tarfile.REGTYPE:
+            original = info
+            while original.islnk():
+                original = by_name[normalize_name(original.linkname)]
+            new.size = original.size
+            sources[new.name] = original
+    return sources
+
+
+def _spool(
+    archive: Archive, stack: contextlib.ExitStack
+) -> Callable[[tarfile.TarInfo], Iterator[bytes]]:
+    """Decompress an archive with large Blocks once into an unnamed temporary file.
+
+    Re-reading a single-Block archive in another member order would start
+    decompressing from its beginning for every member; reading the spool
+    costs nothing.  It sits beside the archive (the file system the new
+    tarball goes to) and vanishes when closed, even after a crash.
+    """
+    import tempfile  # imported here: only repacking big-Block archives needs it
+
+    directory = os.path.dirname(os.path.abspath(archive.path))
+    spool = stack.enter_context(tempfile.TemporaryFile(dir=directory))  # noqa: SIM115 (closed by the stack)
+    offset = 0
+    while offset < archive.reader.size:
+        chunk = archive.reader.pread(offset, READ_CHUNK)
+        spool.write(chunk)
+        offset += len(chunk)
+    spool.flush()
+
+    def data(info: tarfile.TarInfo) -> Iterator[bytes]:
+        for done in range(0, info.size, READ_CHUNK):
+            yield os.pread(
+                spool.fileno(),
+                min(READ_CHUNK, info.size - done),
+                info.offset_data + done,
+            )
+
+    return data
+
+
+@dataclasses.dataclass
+class RepackResult:
+    path: str
+    reasons: list[str]
+    old_size: int
+    new_size: int | None = None  # None: not written
+
+
+def repack_reasons(verification: Verification, pairs) -> list[str]:
+    """What makes an archive differ from what packdebug would write."""
+    reasons = [
+        c.detail for c in verification.checks if c.name == "seekable" and not c.ok
+    ]
+    originals = [info for _, info in pairs]
+    if any(name_problems(i.name) for i in verification.members):
+        reasons.append("member names are not clean")
+    if originals != verification.members:
+        reasons.append("members are not in packdebug's order")
+    fields = ("mode", "uid", "gid", "uname", "gname", "mtime", "type")
+    if any(getattr(new, f) != getattr(info, f) for new, info in pairs for f in fields):
+        reasons.append("headers are not reproducible (owner, mode, mtime or type)")
+    return reasons
+
+
+def repack_archive(
+    path: str,
+    options: PackOptions,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    source_date_epoch: int | None = None,
+    progress: ProgressFn | None = None,
+) -> RepackResult:
+    """Rewrite one tarball in packdebug's layout, atomically, under its name.
+
+    The archive must first pass verify's integrity checks (xz, tar); then its
+    members are rewritten in canonical order with reproducible headers, their
+    data byte for byte.  An archive already canonical is left alone unless
+    `force`.
+    """
+    verification = verify_archive(path)
+    if not verification.passed("xz", "tar"):
+        failed = "; ".join(
+            c.detail
+            for c in verification.checks
+            if c.name in ("xz", "tar") and not c.ok
+        )
+        raise ArchiveError(f"{path}: fails verification, left untouched: {failed}")
+    unsafe = [
+        i.name
+        for i in verification.members
+        if {"absolute path", "'..' component"} & set(name_problems(i.name))
+    ]
+    if unsafe:
+        raise ArchiveError(
+            f"{path}: member {unsafe[0]!r} escapes the archive root, left untouched"
+        )
+    pairs = canonical_headers(verification.members, source_date_epoch)
+    sources = _data_sources(pairs, verification.members)
+    result = RepackResult(
+        path, repack_reasons(verification, pairs), os.path.getsize(path)
+    )
+    with contextlib.ExitStack() as stack:
+        archive = Archive(path)
+        stack.callback(archive.close)
+        big = (
+            max((b.uncompressed_size for b in archive.reader.layout.blocks), default=0)
+            > RANDOM_ACCESS_BLOCK
+        )
+        read = _spool(archive, stack) if big else archive.data
+        entries = [
+            (
+                new,
+                functools.partial(read, sources[new.name])
+                if new.name in sources
+                else tuple,
+            )
+            for new, _ in pairs
+        ]
+        if not result.reasons and _same_blocks(
+            archive, tar_blocks(entries, options.block_size, options.large_member)
+        ):
+            if not force:
+                return result
+            result.reasons.append("--force")
+        elif not result.reasons:
+            result.reasons.append("xz blocks are not in packdebug's layout")
+        if not dry_run:
+            payloads = tar_blocks(entries, options.block_size, options.large_member)
+            result.new_size = write_blocks(payloads, path, options, progress).size
+    return result
+
+
+def _same_blocks(archive: Archive, payloads: Iterable[bytes]) -> bool:
+    """Whether the archive's Blocks hold exactly these payloads, CRC64-checked."""
+    layout = archive.reader.layout
+    if layout.streams != 1 or layout.stream_padding or layout.checks != {CHECK_CRC64}:
+        return False
+    blocks = iter(layout.blocks)
+    for payload in payloads:
+        block = next(blocks, None)
+        if block is None or block.uncompressed_size != len(payload):
+            return False
+        if archive.reader.pread(block.uncompressed_offset, len(payload)) != payload:
+            return False
+    return next(blocks, None) is None
+
+
+# ---------------------------------------------------------------------------
+# 6. binhost upkeep: settings (see also repack above, prune below)
 # ---------------------------------------------------------------------------
 
 PORTAGE_CHECKED = "3.0.83"  # the Portage release these settings were read in
@@ -1603,7 +2590,7 @@ def cmd_pack(args: argparse.Namespace, log: Log) -> int:
     except BaseException:
         _remove_dirs(created)
         raise
-    _report_pack(result, log)
+    _report_pack(scan, result, log)
     if args.remove_packed:
         files, dirs = remove_packed(scan, log)
         log.info(
@@ -1684,8 +2671,7 @@ def _pack_dry_run(
     return 0
 
 
-def _report_pack(result: PackResult, log: Log) -> None:
-    scan = result.scan
+def _report_pack(scan: ImageScan, result: PackResult, log: Log) -> None:
     for m in scan.members:
         if not m.info.isdir():
             build_id = f"  {m.elf.build_id}" if m.elf and m.elf.build_id else ""
@@ -1698,7 +2684,7 @@ def _report_pack(result: PackResult, log: Log) -> None:
     )
 
 
-def _progress(args: argparse.Namespace, log: Log, scan: ImageScan) -> ProgressFn | None:
+def _progress(args: argparse.Namespace, log: Log, total: int) -> ProgressFn | None:
     return None
 
 
@@ -1733,6 +2719,212 @@ def cmd_settings(args: argparse.Namespace, log: Log) -> int:
         text = format_settings(portage_settings(args.dedup), args.format)
     log.out.write(text)
     return 0
+
+
+def iter_tarballs(root: str) -> Iterator[str]:
+    """Every *.tar.xz under root, sorted, without following symlinks."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if (
+                name.endswith(".tar.xz")
+                and not name.startswith(".")
+                and not os.path.islink(path)
+            ):
+                yield path
+
+
+def cmd_list(args: argparse.Namespace, log: Log) -> int:
+    archive = Archive(args.tarball)
+    try:
+        rows = []
+        for row in list_archive(archive):
+            if row.problem:
+                log.warning(row.problem)
+            if args.json:
+                rows.append(dataclasses.asdict(row))
+                continue
+            link = f" -> {row.link}" if row.link else ""
+            log.info(
+                f"{row.kind:<10} {row.size:>11} {row.build_id or '-':<40} {row.name}{link}"
+            )
+        if args.json:
+            log.out.write(
+                json.dumps({"tarball": archive.path, "members": rows}, indent=2) + "\n"
+            )
+    finally:
+        archive.close()
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, log: Log) -> int:
+    status = 0
+    for path in args.tarballs:
+        try:
+            result = verify_archive(path)
+        except PackdebugError as e:
+            log.info(f"{path}: FAILED\n  FAIL  {e}")
+            status = 1
+            continue
+        log.info(f"{path}: {'ok' if result.ok else 'FAILED'}")
+        for check in result.checks:
+            log.info(
+                f"  {'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}"
+            )
+        status |= not result.ok
+    return status
+
+
+def cmd_extract(args: argparse.Namespace, log: Log) -> int:
+    if args.all != bool(args.directory) or (args.all and args.output):
+        raise UsageError(
+            "--all goes with -C DIR (and no -o); --build-id and --member with -o FILE"
+        )
+    archive = Archive(args.tarball, sequential=args.all)
+    try:
+        if args.all:
+            count = extract_all(archive, args.directory)
+            log.info(
+                f"extracted {count} members of {archive.path} into {args.directory}"
+            )
+            return 0
+        info = _member_to_extract(archive, args)
+        output = args.output or os.path.basename(normalize_name(info.name))
+        if output == "-":
+            _extract_to_stdout(archive, info)
+        else:
+            with atomic_output(output, mode=info.mode & 0o777 or 0o644) as f:
+                copy_member(archive, info, f)
+            log.detail(f"extracted {info.name} ({format_size(info.size)}) to {output}")
+    finally:
+        archive.close()
+    return 0
+
+
+def _member_to_extract(archive: Archive, args: argparse.Namespace) -> tarfile.TarInfo:
+    if args.build_id:
+        build_id = args.build_id.lower()
+        if not re.fullmatch(r"[0-9a-f]{2,}", build_id):
+            raise UsageError(
+                f"--build-id {args.build_id!r} is not hexadecimal (see `packdebug buildid`)"
+            )
+        info = archive.find_build_id(build_id)
+        if info is None:
+            raise ArchiveError(f"{archive.path}: no ELF with build-id {build_id}")
+        return info
+    found = archive.locate(args.member)
+    info = archive.resolve(found) if found is not None else None
+    if info is None:
+        what = "no member" if found is None else "no file behind the link"
+        raise ArchiveError(
+            f"{archive.path}: {what} {args.member!r} (see `packdebug list`)"
+        )
+    return info
+
+
+def _extract_to_stdout(archive: Archive, info: tarfile.TarInfo) -> None:
+    """Write a member to stdout only once its Blocks' checks have passed."""
+    import tempfile  # imported here: only extraction to stdout needs it
+
+    with tempfile.SpooledTemporaryFile(max_size=16 * MiB) as spool:
+        copy_member(archive, info, spool)
+        spool.seek(0)
+        out = sys.stdout.buffer
+        while chunk := spool.read(READ_CHUNK):
+            out.write(chunk)
+        out.flush()
+
+
+def cmd_find(args: argparse.Namespace, log: Log) -> int:
+    """Which tarball holds a build-id: first by .build-id link names, then by ELF notes."""
+    build_id = args.build_id.lower()
+    if not re.fullmatch(r"[0-9a-f]{2,}", build_id):
+        raise UsageError(f"{args.build_id!r} is not a hexadecimal build-id")
+    if not os.path.isdir(args.root):
+        raise UsageError(
+            f"{args.root}: no such directory (give the tarball root, e.g. {'/' + TARBALL_DIR})"
+        )
+    link = f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+    found = 0
+    for search in ("names", "notes"):
+        for path in iter_tarballs(args.root):
+            archive = None
+            try:
+                archive = Archive(path)
+                hit = _find_in(archive, build_id, link, search)
+            except PackdebugError as e:
+                log.warning(f"{e} (skipped)")
+                continue
+            finally:
+                if archive:
+                    archive.close()
+            if hit:
+                log.info(f"{path}  {hit.name}")
+                found += 1
+        if found:
+            return 0
+    log.warning(f"build-id {build_id} is in no tarball under {args.root}")
+    return 1
+
+
+def _find_in(
+    archive: Archive, build_id: str, link: str, search: str
+) -> tarfile.TarInfo | None:
+    if search == "notes":
+        return next(
+            (i for i in archive.members() if archive._has_build_id(i, build_id)), None
+        )
+    found = archive.locate(link)
+    target = archive.resolve(found) if found is not None else None
+    return (
+        target
+        if target is not None and archive._has_build_id(target, build_id)
+        else None
+    )
+
+
+def cmd_repack(args: argparse.Namespace, log: Log) -> int:
+    if bool(args.tarballs) == bool(args.root):
+        raise UsageError("give either TARBALL... or --root DIR")
+    paths = list(args.tarballs) or list(iter_tarballs(args.root))
+    options = _pack_options(args)
+    sde = source_date_epoch(os.environ)
+    status, saved, done = 0, 0, 0
+    for path in paths:
+        try:
+            result = repack_archive(
+                path,
+                options,
+                force=args.force,
+                dry_run=args.dry_run,
+                source_date_epoch=sde,
+                progress=_progress(args, log, os.path.getsize(path)),
+            )
+        except PackdebugError as e:
+            log.warning(str(e))
+            status = 1
+            continue
+        reasons = "; ".join(result.reasons)
+        if not result.reasons:
+            log.detail(
+                f"{path}: already in packdebug's layout, skipped (--force repacks it)"
+            )
+        elif result.new_size is None:
+            log.info(f"{path}: would repack: {reasons}")
+        else:
+            done += 1
+            saved += result.old_size - result.new_size
+            change = result.new_size - result.old_size
+            log.info(
+                f"{path}: repacked ({reasons}): {format_size(result.old_size)} -> "
+                f"{format_size(result.new_size)} ({'+' if change >= 0 else '-'}{format_size(abs(change))})"
+            )
+    if not args.dry_run:
+        log.info(
+            f"repacked {done} of {len(paths)} tarballs: {'saved' if saved >= 0 else 'added'} {format_size(abs(saved))}"
+        )
+    return status
 
 
 def parse_size(text: str) -> int:
@@ -1787,6 +2979,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     _add_pack(commands, common)
     _add_buildid(commands, common)
+    _add_list(commands, common)
+    _add_verify(commands, common)
+    _add_extract(commands, common)
+    _add_find(commands, common)
+    _add_repack(commands, common)
     _add_settings(commands, common)
     return parser
 
@@ -1840,7 +3037,45 @@ examples:
     inputs.add_argument(
         "--output", metavar="FILE", help="write here instead of the .tarball path"
     )
-    packing = p.add_argument_group("packing")
+    _add_compression(p)
+    packing = p.add_argument_group("checks")
+    packing.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail if a debug ELF has no build-id or cannot be read",
+    )
+    after = p.add_argument_group("afterwards")
+    after.add_argument(
+        "--remove-packed",
+        action="store_true",
+        help="delete the packed files from the image once the tarball is in place, and the "
+        "directories that emptied (not one that was empty before, not .tarball)",
+    )
+    after.add_argument(
+        "-n",
+        "--dry-run",
+        action="store_true",
+        help="show what would be packed and removed; write nothing",
+    )
+    p.set_defaults(run=cmd_pack)
+
+
+def _add_buildid(commands, common) -> None:
+    p = commands.add_parser(
+        "buildid",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="print the GNU build-id of ELF files",
+        description="Print `BUILDID  PATH` for each ELF file, reading only its headers and notes.\n"
+        "Exits 1 if any file has no build-id.",
+        epilog="example:\n  packdebug buildid /usr/bin/ls /usr/lib/debug/usr/bin/ls.debug",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(run=cmd_buildid)
+
+
+def _add_compression(p: argparse.ArgumentParser) -> None:
+    packing = p.add_argument_group("compression")
     packing.add_argument(
         "-j",
         "--jobs",
@@ -1872,39 +3107,157 @@ examples:
         metavar="SIZE",
         help=f"largest uncompressed xz block (default: {BLOCK_SIZE // MiB}MiB)",
     )
-    packing.add_argument(
-        "--strict",
-        action="store_true",
-        help="fail if a debug ELF has no build-id or cannot be read",
+    p.set_defaults(preset=6)
+
+
+def _add_list(commands, common) -> None:
+    p = commands.add_parser(
+        "list",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="list a tarball's members with their kind and build-id",
+        description="""\
+List each member: kind, size, build-id, name (-> link target).  Kinds follow
+debuginfod: debuginfo, executable, source (any other file), symlink,
+hardlink, directory, other.  Reads the tar headers and the ELF headers and
+notes only, not whole files.""",
+        epilog="""\
+examples:
+  packdebug list /usr/lib/debug/.tarball/app-misc/hello/hello-1.0-1-debug.tar.xz
+  packdebug list --json T.tar.xz | jq '.members[] | select(.kind == "debuginfo")'""",
     )
-    after = p.add_argument_group("afterwards")
-    after.add_argument(
-        "--remove-packed",
-        action="store_true",
-        help="delete the packed files from the image once the tarball is in place, and the "
-        "directories that emptied (not one that was empty before, not .tarball)",
+    p.add_argument("tarball", metavar="TARBALL")
+    p.add_argument("--json", action="store_true", help="print JSON instead of columns")
+    p.set_defaults(run=cmd_list)
+
+
+def _add_verify(commands, common) -> None:
+    p = commands.add_parser(
+        "verify",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="check tarballs: xz checks, seekability, tar, build-ids, links, names",
+        description="""\
+Check each tarball and report, per tarball:
+  xz         one stream, no padding, every block's check verified
+  seekable   whether debuginfod >= 0.192 seeks in it, and if not, why
+  tar        headers parse, members inside the data, end-of-archive marker
+  build-ids  every ELF under usr/lib/debug has a GNU build-id
+  links      every .build-id/xx/*.debug symlink resolves inside the archive,
+             to an ELF with that build-id
+  names      no absolute paths, '..', './' or '//'
+Works on any .tar.xz, Portage's included.  Exits 0 only if all pass.""",
+        epilog="""\
+examples:
+  packdebug verify T.tar.xz
+  find /usr/lib/debug/.tarball -name '*.tar.xz' -exec packdebug verify {} +""",
     )
-    after.add_argument(
+    p.add_argument("tarballs", nargs="+", metavar="TARBALL")
+    p.set_defaults(run=cmd_verify)
+
+
+def _add_extract(commands, common) -> None:
+    p = commands.add_parser(
+        "extract",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="extract one file by build-id or name, or everything safely",
+        description="""\
+Extract one member, decompressing only the xz blocks that hold it (and its
+tar header) and verifying their checks: nothing is written unless they pass.
+Links inside the archive are followed.  Or extract everything under DIR,
+refusing absolute names, '..', links leading outside DIR and device nodes,
+and dropping setuid bits.""",
+        epilog="""\
+examples:
+  packdebug extract T.tar.xz --build-id 1e0f33cff59b9ae1525e401b90e14e5cabc6c46b -o hello.debug
+  packdebug extract T.tar.xz --member usr/src/debug/app-misc/hello-1.0/hello.c -o -
+  packdebug extract T.tar.xz --all -C /tmp/debug""",
+    )
+    p.add_argument("tarball", metavar="TARBALL")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--build-id", metavar="ID", help="the ELF with this GNU build-id"
+    )
+    which.add_argument(
+        "--member",
+        metavar="PATH",
+        help="the member of this name (./ or / prefix allowed)",
+    )
+    which.add_argument("--all", action="store_true", help="every member, under -C DIR")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write here, - for stdout (default: the member's basename)",
+    )
+    p.add_argument(
+        "-C",
+        "--directory",
+        metavar="DIR",
+        help="with --all: extract under DIR (created if missing)",
+    )
+    p.set_defaults(run=cmd_extract)
+
+
+def _add_find(commands, common) -> None:
+    p = commands.add_parser(
+        "find",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="which tarball holds a build-id",
+        description="""\
+Print `TARBALL  MEMBER` for the tarballs under ROOT that hold the ELF with
+BUILDID.  It looks for estrip's usr/lib/debug/.build-id/xx/yyyy.debug link by
+name, which in packdebug's layout reads only the start of a few xz blocks, and
+confirms the ELF note; only if no tarball has the link does it read the ELF
+notes of every member.  Exits 1 if no tarball holds it.""",
+        epilog="example:\n  packdebug find 1e0f33cff59b9ae1525e401b90e14e5cabc6c46b",
+    )
+    p.add_argument("build_id", metavar="BUILDID")
+    p.add_argument(
+        "root",
+        nargs="?",
+        default="/" + TARBALL_DIR,
+        metavar="ROOT",
+        help=f"where the tarballs are (default: /{TARBALL_DIR})",
+    )
+    p.set_defaults(run=cmd_find)
+
+
+def _add_repack(commands, common) -> None:
+    p = commands.add_parser(
+        "repack",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="rewrite tarballs (Portage's too) in packdebug's seekable, reproducible layout",
+        description="""\
+Rewrite existing tarballs into packdebug's layout: seekable xz blocks,
+canonical member names and order, reproducible headers.  The files inside
+stay byte-identical; each tarball is replaced atomically under its own name.
+One that fails verify's xz or tar checks is left untouched and reported; one
+already in the layout is skipped unless --force.  A tarball with large xz
+blocks is first decompressed into an unnamed temporary file beside it.""",
+        epilog="""\
+examples:
+  packdebug repack --root /usr/lib/debug/.tarball --dry-run
+  packdebug repack /usr/lib/debug/.tarball/dev-libs/foo/foo-1-3-debug.tar.xz""",
+    )
+    p.add_argument("tarballs", nargs="*", metavar="TARBALL")
+    p.add_argument("--root", metavar="DIR", help="every *.tar.xz under DIR")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="repack even tarballs already in the layout",
+    )
+    p.add_argument(
         "-n",
         "--dry-run",
         action="store_true",
-        help="show what would be packed and removed; write nothing",
+        help="say what would change; write nothing",
     )
-    p.set_defaults(run=cmd_pack, preset=6)
-
-
-def _add_buildid(commands, common) -> None:
-    p = commands.add_parser(
-        "buildid",
-        parents=[common],
-        formatter_class=_HelpFormatter,
-        help="print the GNU build-id of ELF files",
-        description="Print `BUILDID  PATH` for each ELF file, reading only its headers and notes.\n"
-        "Exits 1 if any file has no build-id.",
-        epilog="example:\n  packdebug buildid /usr/bin/ls /usr/lib/debug/usr/bin/ls.debug",
-    )
-    p.add_argument("files", nargs="+", metavar="FILE")
-    p.set_defaults(run=cmd_buildid)
+    _add_compression(p)
+    p.set_defaults(run=cmd_repack)
 
 
 def _add_settings(commands, common) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import lzma
 import os
@@ -1168,6 +1169,615 @@ def test_debuginfod_0192_seeks_in_a_large_tarball(image, tmp_path):
     assert any(offsets), (
         "a file deep in the archive is served from a later block, not from the start"
     )
+
+
+# ---------------------------------------------------------------------------
+# 5. reading / extraction
+# ---------------------------------------------------------------------------
+
+
+def portage_tarball(image: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """Exactly what Portage's __generate_packdebug runs, from ${ED}."""
+    need("tar", "xz")
+    trees = [f"./{t}" for t in pd.DEBUG_TREES if (image / t).is_dir()]
+    with open(out, "wb") as f:
+        run("tar", "-cJf", "-", *trees, cwd=image, stdout=f)
+    return out
+
+
+def big_image(
+    image: pathlib.Path, tmp_path: pathlib.Path, count: int = 3, size: int = 3 << 20
+) -> dict:
+    """Add `count` large debug files to an image; return {build-id: path}."""
+    ids = {}
+    for seed in range(count):
+        big = elf_with_section(tmp_path, size, seed=20 + seed)
+        target = image / f"usr/lib/debug/usr/lib/big{seed}.so.debug"
+        shutil.copy(big, target)
+        build_id = readelf_build_id(target)
+        link = image / f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(f"../../usr/lib/big{seed}.so.debug")  # as estrip links it
+        ids[build_id] = target
+    return ids
+
+
+def test_list_shows_kind_size_and_build_id_as_readelf_sees_them(image):
+    tarball = pack(image)
+    out = cli("list", tarball).stdout.splitlines()
+    rows = {line.split()[3]: line.split() for line in out}
+    hello_id = readelf_build_id(debug_file(image))
+    assert rows["usr/lib/debug/usr/bin/hello-again.debug"][:3] == [
+        "debuginfo",
+        str(debug_file(image).stat().st_size),
+        hello_id,
+    ]
+    assert rows["usr/lib/debug/usr/bin/hello.debug"][0] == "hardlink"
+    assert (
+        rows[f"usr/lib/debug/.build-id/{hello_id[:2]}/{hello_id[2:]}.debug"][0]
+        == "symlink"
+    )
+    assert rows["usr/src/debug/app-misc/hello-1.0/hello-1.0/hello.c"][0] == "source"
+    assert rows["usr/lib/debug"][0] == "directory"
+    data = json.loads(cli("list", "--json", tarball).stdout)
+    kinds = {m["name"]: m["kind"] for m in data["members"]}
+    assert kinds["usr/lib/debug/usr/lib/libgreet.so.1.debug"] == "debuginfo"
+    assert len(data["members"]) == len(out)
+
+
+def test_list_classifies_an_unstripped_executable_as_debuginfod_does(tmp_path):
+    need("gcc")
+    (tmp_path / "x.c").write_text("int main(void) { return 0; }\n")
+    run(
+        "gcc",
+        "-O2",
+        "-Wl,--build-id",
+        "-s",
+        "-o",
+        tmp_path / "stripped",
+        tmp_path / "x.c",
+    )
+    image = tmp_path / "image"
+    (image / "usr/lib/debug").mkdir(parents=True)
+    shutil.copy(tmp_path / "stripped", image / "usr/lib/debug/stripped")
+    tarball = tmp_path / "t.tar.xz"
+    cli("pack", "--image", image, "--output", tarball)
+    rows = {
+        r["name"]: r
+        for r in json.loads(cli("list", "--json", tarball).stdout)["members"]
+    }
+    assert rows["usr/lib/debug/stripped"]["kind"] == "executable"
+
+
+def test_list_reads_headers_and_notes_not_whole_files(image, tmp_path):
+    big_image(image, tmp_path, count=2, size=6 << 20)
+    tarball = tmp_path / "t.tar.xz"
+    cli("pack", "--image", image, "--output", tarball, "--block-size", "1MiB")
+    archive = pd.Archive(tarball)
+    rows = list(pd.list_archive(archive))
+    assert sum(r.kind == "debuginfo" for r in rows) == 4
+    assert archive.reader.decoded < archive.reader.size / 3, (
+        archive.reader.decoded,
+        archive.reader.size,
+    )
+
+
+def test_verify_passes_on_a_packed_tarball(image):
+    result = cli("verify", pack(image))
+    assert result.stdout.count("  ok  ") == 6 and "FAIL" not in result.stdout
+
+
+def test_verify_fails_portage_tarball_for_one_block_and_dot_slash_names(
+    image, tmp_path
+):
+    tarball = portage_tarball(image, tmp_path / "portage-debug.tar.xz")
+    result = cli("verify", tarball, check=False)
+    assert result.returncode == 1
+    lines = {
+        line.split(":")[0].split()[-1]: line for line in result.stdout.splitlines()[1:]
+    }
+    assert (
+        lines["seekable"].lstrip().startswith("FAIL")
+        and "1 xz block" in lines["seekable"]
+    )
+    assert (
+        lines["names"].lstrip().startswith("FAIL") and "leading './'" in lines["names"]
+    )
+    for ok in ("xz", "tar", "build-ids", "links"):
+        assert lines[ok].lstrip().startswith("ok"), lines[ok]
+
+
+def test_verify_reports_padding_streams_missing_build_ids_and_broken_links(
+    image, tmp_path
+):
+    src = tmp_path / "x.c"
+    src.write_text("int main(void) { return 0; }\n")
+    run("gcc", "-g", "-Wl,--build-id=none", "-o", tmp_path / "x", src)
+    run(
+        "objcopy",
+        "--only-keep-debug",
+        tmp_path / "x",
+        image / "usr/lib/debug/usr/bin/noid.debug",
+    )
+    (image / "usr/lib/debug/.build-id/00").mkdir()
+    (image / "usr/lib/debug/.build-id/00/1122334455.debug").symlink_to(
+        "../../usr/bin/gone.debug"
+    )
+    tarball = pack(image)
+    result = cli("verify", tarball, check=False)
+    assert result.returncode == 1
+    assert re.search(
+        r"FAIL  build-ids: usr/lib/debug/usr/bin/noid.debug: debug ELF without a build-id",
+        result.stdout,
+    )
+    assert (
+        "FAIL  links: usr/lib/debug/.build-id/00/1122334455.debug -> ../../usr/bin/gone.debug"
+        in result.stdout
+    )
+    padded = tmp_path / "padded.tar.xz"
+    padded.write_bytes(tarball.read_bytes() + bytes(4))
+    result = cli("verify", padded, check=False).stdout
+    assert "FAIL  seekable: stream padding" in result and "FAIL  xz:" in result
+    doubled = tmp_path / "two-streams.tar.xz"
+    first_stream = run("xz", "-c", input=b"x" * 1000).stdout
+    doubled.write_bytes(first_stream + tarball.read_bytes())
+    result = cli("verify", doubled, check=False).stdout
+    assert (
+        "FAIL  seekable: 2 xz streams: debuginfod reads only the last one's index and would serve wrong bytes"
+        in result
+    )
+
+
+def test_extract_by_build_id_decompresses_only_its_blocks(image, tmp_path):
+    ids = big_image(image, tmp_path, count=4)
+    tarball = pack(image)
+    last_id, last_path = list(ids.items())[-1]
+    out = tmp_path / "got.debug"
+    cli("extract", tarball, "--build-id", last_id.upper(), "-o", out)
+    run("cmp", out, last_path)
+    archive = pd.Archive(tarball)
+    info = archive.find_build_id(last_id)
+    with open(os.devnull, "wb") as sink:
+        pd.copy_member(archive, info, sink)
+    assert archive.reader.decoded < archive.reader.size / 3, (
+        archive.reader.decoded,
+        archive.reader.size,
+    )
+    blocks = archive.reader.layout.blocks
+    member_blocks = {
+        b.number
+        for b in blocks
+        if b.uncompressed_offset < info.offset_data + info.size
+        and b.uncompressed_end > info.offset
+    }
+    assert member_blocks <= archive.reader.verified_blocks
+
+
+def test_extract_by_member_follows_links_and_accepts_any_spelling(image, tmp_path):
+    tarball = pack(image)
+    hello_id = readelf_build_id(debug_file(image))
+    link = f"./usr/lib/debug/.build-id/{hello_id[:2]}/{hello_id[2:]}.debug"
+    out = tmp_path / "via-link.debug"
+    cli("extract", tarball, "--member", link, "-o", out)
+    run("cmp", out, debug_file(image))
+    source = "/usr/src/debug/app-misc/hello-1.0/hello-1.0/hello.c"
+    got = cli("extract", tarball, "--member", source, "-o", "-").stdout
+    assert got == (image / source.lstrip("/")).read_text()
+
+
+def test_extract_of_a_missing_member_or_build_id_is_a_clear_error(image, tmp_path):
+    tarball = pack(image)
+    for args in (
+        ("--member", "usr/lib/debug/nope"),
+        ("--build-id", "00" * 20),
+        ("--build-id", "xyz"),
+    ):
+        result = cli("extract", tarball, *args, "-o", tmp_path / "out", check=False)
+        assert result.returncode in (1, 2) and "Traceback" not in result.stderr
+        assert str(tarball) in result.stderr or "--build-id" in result.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_extract_all_reproduces_the_image_trees(image, tmp_path):
+    tarball = pack(image)
+    cli("extract", tarball, "--all", "-C", tmp_path / "out")
+    assert snapshot(tmp_path / "out") == snapshot(image)
+
+
+def hostile_tarball(path: pathlib.Path, *members) -> pathlib.Path:
+    """A .tar.xz with hand-made members: (TarInfo fields, data) pairs."""
+    with tarfile.open(path, "w:xz", format=tarfile.GNU_FORMAT) as tar:
+        for fields, data in members:
+            fields = dict(fields)
+            info = tarfile.TarInfo(fields.pop("name"))
+            for key, value in fields.items():
+                setattr(info, key, value)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "members,refused",
+    [
+        ([({"name": "/etc/evil"}, b"x")], "'/etc/evil': absolute path"),
+        ([({"name": "usr/../../evil"}, b"x")], "'usr/../../evil': '..' component"),
+        (
+            [({"name": "up", "type": tarfile.SYMTYPE, "linkname": "../.."}, b"")],
+            "'up': symlink '../..' points outside",
+        ),
+        (
+            [({"name": "abs", "type": tarfile.SYMTYPE, "linkname": "/etc"}, b"")],
+            "'abs': symlink to an absolute path",
+        ),
+        (
+            [
+                (
+                    {
+                        "name": "hl",
+                        "type": tarfile.LNKTYPE,
+                        "linkname": "../outside/sentinel",
+                    },
+                    b"",
+                )
+            ],
+            "'hl': hardlink",
+        ),
+        (
+            [
+                (
+                    {
+                        "name": "null",
+                        "type": tarfile.CHRTYPE,
+                        "devmajor": 1,
+                        "devminor": 3,
+                    },
+                    b"",
+                )
+            ],
+            "'null': devices",
+        ),
+        ([({"name": "fifo", "type": tarfile.FIFOTYPE}, b"")], "'fifo': devices, FIFOs"),
+    ],
+)
+def test_extract_all_refuses_members_that_escape_or_harm(tmp_path, members, refused):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "sentinel").write_text("keep")
+    tarball = hostile_tarball(tmp_path / "evil.tar.xz", *members)
+    dest = tmp_path / "dest"
+    result = cli("extract", tarball, "--all", "-C", dest, check=False)
+    assert (
+        result.returncode == 1
+        and refused in result.stderr
+        and "Traceback" not in result.stderr
+    )
+    assert [p.name for p in outside.iterdir()] == ["sentinel"] and (
+        outside / "sentinel"
+    ).read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dest",
+        "evil.tar.xz",
+        "outside",
+    ]
+
+
+def test_extract_all_does_not_write_through_an_extracted_symlink(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tarball = hostile_tarball(
+        tmp_path / "evil.tar.xz",
+        (
+            {"name": "d", "type": tarfile.SYMTYPE, "linkname": "."},
+            b"",
+        ),  # harmless itself
+        ({"name": "link", "type": tarfile.SYMTYPE, "linkname": "d"}, b""),
+        ({"name": "link/file", "mode": 0o4755}, b"payload"),
+    )
+    dest = tmp_path / "dest"
+    result = cli("extract", tarball, "--all", "-C", dest, check=False)
+    assert (
+        result.returncode == 1
+        and "'link'" in result.stderr
+        and "symlink" in result.stderr
+    )
+    assert not list(outside.iterdir())
+
+
+def test_extract_all_drops_setuid_bits(tmp_path):
+    tarball = hostile_tarball(
+        tmp_path / "s.tar.xz", ({"name": "usr/lib/debug/x", "mode": 0o6755}, b"x")
+    )
+    cli("extract", tarball, "--all", "-C", tmp_path / "dest")
+    assert stat.S_IMODE((tmp_path / "dest/usr/lib/debug/x").stat().st_mode) == 0o755
+
+
+def test_find_names_the_tarball_and_member_reading_only_block_starts(image, tmp_path):
+    ids = big_image(image, tmp_path, count=4)
+    tarball = pack(image)
+    last_id = list(ids)[-1]
+    out = cli("find", last_id, image / pd.TARBALL_DIR).stdout.splitlines()
+    assert out == [f"{tarball}  usr/lib/debug/usr/lib/big3.so.debug"]
+    archive = pd.Archive(tarball)
+    link = f"usr/lib/debug/.build-id/{last_id[:2]}/{last_id[2:]}.debug"
+    assert (
+        pd._find_in(archive, last_id, link, "names").name
+        == "usr/lib/debug/usr/lib/big3.so.debug"
+    )
+    assert archive.reader.decoded < 1 << 20 < archive.reader.size / 8
+    missing = cli("find", "ab" * 20, image / pd.TARBALL_DIR, check=False)
+    assert missing.returncode == 1 and "in no tarball" in missing.stderr
+
+
+def test_find_falls_back_to_elf_notes_without_build_id_links(image, tmp_path):
+    for link in (image / "usr/lib/debug/.build-id").rglob("*"):
+        if link.is_symlink():
+            link.unlink()
+    root = tmp_path / "root"
+    (root / "cat/pn").mkdir(parents=True)
+    cli("pack", "--image", image, "--output", root / "cat/pn/x-1-debug.tar.xz")
+    lib_id = readelf_build_id(image / "usr/lib/libgreet.so.1")
+    out = cli("find", lib_id, root).stdout.splitlines()
+    assert out == [
+        f"{root / 'cat/pn/x-1-debug.tar.xz'}  usr/lib/debug/usr/lib/libgreet.so.1.debug"
+    ]
+
+
+def test_locate_reads_only_block_starts_in_packdebug_layout(image, tmp_path):
+    big_image(image, tmp_path, count=4)
+    tarball = pack(image)
+    archive = pd.Archive(tarball)
+    assert archive._is_packdebug_layout()
+    names = [i.name for i in pd.Archive(tarball).members()]
+    for name in names:
+        fresh = pd.Archive(tarball)
+        assert fresh.locate(name).name == name
+    fresh = pd.Archive(tarball)
+    fresh.locate(names[-1])
+    assert fresh.reader.decoded < pd.BLOCK_SIZE
+
+
+# ---------------------------------------------------------------------------
+# 5b. bad input: clear one-line errors, never a traceback, a hang or a partial file
+# ---------------------------------------------------------------------------
+
+
+def in_process(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = pd.main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def rewrite_index(data: bytes, change) -> bytes:
+    """Apply change(records) to a one-stream xz file's Index, keeping CRCs valid."""
+    _, index_size = pd.parse_stream_footer(data[-12:])
+    records = change(pd.parse_index(data[-12 - index_size : -12]))
+    index = pd.create_index(records)
+    assert len(index) == index_size, "the lie must keep the Index size"
+    return data[: -12 - index_size] + index + data[-12:]
+
+
+@pytest.fixture
+def packed(image, tmp_path) -> pathlib.Path:
+    big_image(image, tmp_path, count=1, size=2 << 20)
+    return pack(image)
+
+
+def bad_inputs(packed: pathlib.Path, tmp_path: pathlib.Path) -> dict:
+    data = packed.read_bytes()
+    blocks = pd.XzReader(packed).layout.blocks
+    second = blocks[1]
+    big0 = pd.Archive(packed).locate("usr/lib/debug/usr/lib/big0.so.debug")
+    lied = next(
+        b.number - 1
+        for b in blocks
+        if b.uncompressed_offset <= big0.offset_data < b.uncompressed_end
+    )
+    corrupt = bytearray(data)
+    corrupt[second.offset + 40] ^= 0xFF
+    wrong_check = bytearray(data)
+    wrong_check[second.end - 1] ^= 0x01  # last byte of its CRC64
+    raw = tarfile.TarInfo("usr/lib/debug/long").tobuf(tarfile.USTAR_FORMAT)
+    fields = bytearray(raw)
+    fields[124:136] = b"%011o\0" % (1 << 20)  # claims 1 MiB of data that is not there
+    fields[148:156] = b"        "
+    fields[148:156] = b"%06o\0 " % sum(fields)
+    cases = {
+        "truncated xz": data[: len(data) // 2],
+        "corrupted block": bytes(corrupt),
+        "wrong check": bytes(wrong_check),
+        "not xz": b"this is not an xz file\n" * 10,
+        "index lies": rewrite_index(
+            data,
+            lambda r: (
+                r[:lied]
+                + [pd.IndexRecord(r[lied].unpadded_size, r[lied].uncompressed_size + 1)]
+                + r[lied + 1 :]
+            ),
+        ),
+        "member past the end": lzma.compress(
+            bytes(fields) + b"x" * 512 + bytes(1024), check=lzma.CHECK_CRC64
+        ),
+    }
+    paths = {}
+    for name, content in cases.items():
+        path = tmp_path / (name.replace(" ", "-") + ".tar.xz")
+        path.write_bytes(content)
+        paths[name] = path
+    return paths
+
+
+def test_bad_input_gets_one_line_error_and_no_output(packed, tmp_path):
+    for name, path in bad_inputs(packed, tmp_path).items():
+        out = tmp_path / "out.debug"
+        for args in (
+            ("verify", path),
+            ("list", path),
+            (
+                "extract",
+                path,
+                "--member",
+                "usr/lib/debug/usr/lib/big0.so.debug",
+                "-o",
+                out,
+            ),
+            ("extract", path, "--all", "-C", tmp_path / "all"),
+            ("repack", path),
+        ):
+            if name == "wrong check" and args[0] == "list":
+                continue  # list reads only what it needs and verifies no checks
+            before = path.read_bytes()
+            result = cli(*args, check=False, timeout=60)
+            assert result.returncode == 1, (name, args, result.stdout, result.stderr)
+            assert (
+                "Traceback" not in result.stderr
+                and str(path) in result.stdout + result.stderr
+            ), (name, args)
+            errors = [
+                line
+                for line in result.stderr.splitlines()
+                if "error" in line or "warning" in line
+            ]
+            assert errors or "FAIL" in result.stdout, (name, args)
+            assert not out.exists() and path.read_bytes() == before, (name, args)
+            assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+        shutil.rmtree(tmp_path / "all", ignore_errors=True)
+
+
+def test_cuts_and_flipped_bytes_anywhere_never_crash(image, packed, tmp_path):
+    data = packed.read_bytes()
+    original = (image / "usr/lib/debug/usr/lib/big0.so.debug").read_bytes()
+    rng = random.Random(5)
+    points = sorted(
+        {
+            *range(0, 64, 3),
+            *range(len(data) - 64, len(data)),
+            *(rng.randrange(len(data)) for _ in range(60)),
+        }
+    )
+    target = tmp_path / "t.tar.xz"
+    out = tmp_path / "out.debug"
+    for point in points:
+        for variant in ("cut", "flip"):
+            mutated = bytearray(data[:point] if variant == "cut" else data)
+            if variant == "flip":
+                mutated[point] ^= 1 << rng.randrange(8)
+            target.write_bytes(bytes(mutated))
+            for args in (
+                ("verify", target),
+                ("list", target),
+                (
+                    "extract",
+                    target,
+                    "--member",
+                    "usr/lib/debug/usr/lib/big0.so.debug",
+                    "-o",
+                    out,
+                ),
+            ):
+                code, stdout, stderr = in_process(*args)
+                assert code in (0, 1), (variant, point, args)
+                assert (
+                    code == 0 or "packdebug: error: " in stderr or "FAIL" in stdout
+                ), (variant, point, args)
+                if args[0] == "extract" and code == 1:
+                    assert not out.exists(), (variant, point)
+                if (
+                    args[0] == "extract" and code == 0
+                ):  # the damage missed this member's blocks
+                    assert out.read_bytes() == original, (variant, point)
+                out.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------
+# 6. binhost upkeep: repack
+# ---------------------------------------------------------------------------
+
+
+def test_repack_turns_portage_tarball_into_exactly_what_pack_writes(image, tmp_path):
+    tarball = portage_tarball(image, tmp_path / "hello-1.0-1-debug.tar.xz")
+    result = cli("repack", tarball)
+    assert (
+        "repacked (" in result.stdout
+        and "1 xz block" in result.stdout
+        and "repacked 1 of 1" in result.stdout
+    )
+    assert tarball.read_bytes() == pack(image).read_bytes()
+    assert cli("verify", tarball).returncode == 0
+
+
+def test_repack_keeps_file_contents_byte_identical(image, tmp_path):
+    need("tar")
+    tarball = portage_tarball(image, tmp_path / "p-debug.tar.xz")
+    (tmp_path / "before").mkdir()
+    run("tar", "-xJf", tarball, "-C", tmp_path / "before")
+    cli("repack", tarball)
+    (tmp_path / "after").mkdir()
+    run("tar", "-xJf", tarball, "-C", tmp_path / "after")
+    before, after = snapshot(tmp_path / "before"), snapshot(tmp_path / "after")
+    assert {k: v[:3] for k, v in before.items() if v[0] == "file"} == {
+        k: v[:3] for k, v in after.items() if v[0] == "file"
+    }
+    assert {k: v for k, v in before.items() if v[0] == "symlink"} == {
+        k: v for k, v in after.items() if v[0] == "symlink"
+    }
+
+
+def test_repack_skips_canonical_tarballs_unless_forced_and_dry_run_writes_nothing(
+    image, tmp_path
+):
+    tarball = pack(image)
+    stamp = tarball.stat().st_mtime_ns
+    assert (
+        "repacked 0 of 1" in cli("repack", tarball).stdout
+        and tarball.stat().st_mtime_ns == stamp
+    )
+    forced = cli("repack", "--force", tarball).stdout
+    assert "--force" in forced and tarball.stat().st_mtime_ns != stamp
+    assert tarball.read_bytes() == pack(image).read_bytes()
+    portage = portage_tarball(image, tmp_path / "p-debug.tar.xz")
+    before, stamp = portage.read_bytes(), portage.stat().st_mtime_ns
+    dry = cli("repack", "--dry-run", "--root", tmp_path).stdout
+    assert f"{portage}: would repack:" in dry and "member names are not clean" in dry
+    assert portage.read_bytes() == before and portage.stat().st_mtime_ns == stamp
+
+
+def test_repack_leaves_a_damaged_tarball_untouched(packed, tmp_path):
+    broken = bad_inputs(packed, tmp_path)["corrupted block"]
+    before = broken.read_bytes()
+    result = cli("repack", broken, check=False)
+    assert (
+        result.returncode == 1 and "fails verification, left untouched" in result.stderr
+    )
+    assert broken.read_bytes() == before
+
+
+def test_repack_of_a_large_single_block_tarball_spools_it(image, tmp_path):
+    ids = big_image(
+        image, tmp_path, count=2, size=10 << 20
+    )  # one block of more than 16 MiB
+    tarball = portage_tarball(image, tmp_path / "big-debug.tar.xz")
+    assert len(xz_blocks(tarball)) == 1
+    cli("repack", tarball)
+    assert tarball.read_bytes() == pack(image).read_bytes()
+    for build_id, path in ids.items():
+        cli("extract", tarball, "--build-id", build_id, "-o", tmp_path / "x")
+        run("cmp", path, tmp_path / "x")
+
+
+def test_debuginfod_0192_seeks_in_a_repacked_portage_tarball(image, tmp_path):
+    root = tmp_path / "root"
+    (root / "app-misc/hello").mkdir(parents=True)
+    tarball = portage_tarball(image, root / "app-misc/hello/hello-1.0-1-debug.tar.xz")
+    cli("repack", tarball)
+    ids = {
+        readelf_build_id(image / "usr/bin/hello"): debug_file(image),
+        readelf_build_id(image / "usr/lib/libgreet.so.1"): debug_file(
+            image, "usr/lib/libgreet.so.1"
+        ),
+    }
+    assert_served_by_seeking(root, tarball, ids)
 
 
 # ---------------------------------------------------------------------------
