@@ -45,6 +45,7 @@ import stat
 import struct
 import sys
 import tarfile
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO
@@ -1226,6 +1227,29 @@ def compress_blocks(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _make_parents(path: str) -> list[str]:
+    """Create missing parent directories 0755 (as install -d); return them."""
+    created = []
+    parent = os.path.dirname(path)
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    for directory in reversed(created):
+        try:
+            os.mkdir(directory)
+            os.chmod(directory, 0o755)
+        except OSError as e:
+            _remove_dirs(created)
+            raise PackError(f"{directory}: cannot create: {e.strerror}") from None
+    return created
+
+
+def _remove_dirs(created: list[str]) -> None:
+    for directory in created:  # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
     """A file that appears at `path` complete and fsynced, or not at all.
@@ -1253,18 +1277,24 @@ def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
 
 
 def _create_temporary(directory: str, name: str) -> tuple[int, str]:
-    while True:
+    for attempt in range(100):
         temp = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            return os.open(
-                temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-            ), temp
+            return os.open(temp, flags, 0o600), temp
         except FileExistsError:
             continue
+        except FileNotFoundError:
+            if attempt > 3:
+                raise PackError(
+                    f"{directory}: keeps vanishing; is a prune running beside?"
+                ) from None
+            _make_parents(os.path.join(directory, name))  # a prune removed it as empty
         except OSError as e:
             raise PackError(
                 f"{directory}: cannot create a file there: {e.strerror}"
             ) from None
+    raise PackError(f"{directory}: no free temporary name")
 
 
 def _fsync_dir(directory: str) -> None:
@@ -1710,6 +1740,27 @@ def list_archive(archive: Archive) -> Iterator[Listing]:
         )
 
 
+def _open_beneath(root_fd: int, parts: Sequence[str], *, create: bool = False) -> int:
+    """Open the directory root/parts... without following any symlink on the way."""
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+            child = os.open(
+                part,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=fd,
+            )
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class SafeExtractor:
     """Extracts members under one directory and refuses all that could escape it.
 
@@ -1780,25 +1831,14 @@ class SafeExtractor:
     def _with_parent(
         self, parts: list[str], action: Callable[[int, str], None]
     ) -> None:
-        fd = os.dup(self.dest_fd)
         try:
-            for part in parts[:-1]:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                try:
-                    child = os.open(
-                        part,
-                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        dir_fd=fd,
-                    )
-                except OSError:
-                    raise UnsafeMemberError(
-                        f"{self.archive.path}: refusing to extract under {'/'.join(parts[:-1])!r}: "
-                        "it is a symlink or not a directory; nothing was written outside "
-                        + self.dest
-                    ) from None
-                os.close(fd)
-                fd = child
+            fd = _open_beneath(self.dest_fd, parts[:-1], create=True)
+        except OSError:
+            raise UnsafeMemberError(
+                f"{self.archive.path}: refusing to extract under {'/'.join(parts[:-1])!r}: "
+                f"it is a symlink or not a directory; nothing was written outside {self.dest}"
+            ) from None
+        try:
             action(fd, parts[-1])
         finally:
             os.close(fd)
@@ -2342,7 +2382,279 @@ def _same_blocks(archive: Archive, payloads: Iterable[bytes]) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# 6. binhost upkeep: settings (see also repack above, prune below)
+# 6. binhost upkeep: prune
+# ---------------------------------------------------------------------------
+
+# PMS 3.2 version syntax, with the -rN revision and, in a tarball's name, -BUILD_ID.
+_VERSION = r"(\d+(?:\.\d+)*)([a-z]?)((?:_(?:alpha|beta|pre|rc|p)\d*)*)(?:-r(\d+))?"
+_TARBALL_TAIL = re.compile(rf"(?P<version>{_VERSION})(?:-(?P<build_id>\d+))?")
+_SUFFIX_RANK = {"alpha": 0, "beta": 1, "pre": 2, "rc": 3, "p": 5}  # no suffix ranks 4
+DAY = 86400
+
+
+def _cmp(a, b) -> int:
+    return (a > b) - (a < b)
+
+
+def version_cmp(a: str, b: str) -> int:
+    """Compare two Gentoo versions (PMS 3.3 algorithms 3.1-3.7): -1, 0 or 1."""
+    ma, mb = re.fullmatch(_VERSION, a), re.fullmatch(_VERSION, b)
+    if not ma or not mb:
+        raise ValueError(f"not a Gentoo version: {a if not ma else b}")
+    na, nb = ma[1].split("."), mb[1].split(".")
+    c = _cmp(int(na[0]), int(nb[0]))
+    for x, y in zip(na[1:], nb[1:]):
+        if c:
+            return c
+        leading_zero = x.startswith("0") or y.startswith("0")
+        c = _cmp(x.rstrip("0"), y.rstrip("0")) if leading_zero else _cmp(int(x), int(y))
+    c = c or _cmp(len(na), len(nb)) or _cmp(ma[2], mb[2])
+    if c:
+        return c
+    sa = re.findall(r"_(alpha|beta|pre|rc|p)(\d*)", ma[3])
+    sb = re.findall(r"_(alpha|beta|pre|rc|p)(\d*)", mb[3])
+    for (x, xn), (y, yn) in zip(sa, sb):
+        c = _cmp(_SUFFIX_RANK[x], _SUFFIX_RANK[y]) or _cmp(int(xn or 0), int(yn or 0))
+        if c:
+            return c
+    if len(sa) != len(sb):
+        longer, sign = (sa, 1) if len(sa) > len(sb) else (sb, -1)
+        return sign if longer[min(len(sa), len(sb))][0] == "p" else -sign
+    return _cmp(int(ma[4] or 0), int(mb[4] or 0))
+
+
+@dataclasses.dataclass
+class DebugTarball:
+    """A tarball under the root, named as pack and Portage name them."""
+
+    path: str  # relative to the root: CAT/PN/FILE
+    category: str
+    pn: str
+    pf: str
+    version: str
+    build_id: str | None
+    size: int
+    mtime: float
+    ino: int
+
+    def binpkgs(self, pkgdir: str) -> list[str]:
+        """Where its binary package would be (bintree.py getname_build_id)."""
+        if self.build_id:
+            stem = os.path.join(
+                pkgdir, self.category, self.pn, f"{self.pf}-{self.build_id}"
+            )
+            return [stem + ".gpkg.tar", stem + ".xpak"]
+        stem = os.path.join(pkgdir, self.category, self.pf)
+        return [stem + ".gpkg.tar", stem + ".tbz2"]
+
+
+def parse_tarball_name(
+    category: str, pn: str, filename: str
+) -> tuple[str, str, str | None] | None:
+    """(PF, version, BUILD_ID) of CAT/PN/PF[-BUILD_ID]-debug.tar.xz, or None."""
+    if not filename.endswith(TARBALL_SUFFIX) or not filename.startswith(pn + "-"):
+        return None
+    match = _TARBALL_TAIL.fullmatch(filename[len(pn) + 1 : -len(TARBALL_SUFFIX)])
+    if not match:
+        return None
+    return f"{pn}-{match['version']}", match["version"], match["build_id"]
+
+
+@dataclasses.dataclass
+class PruneDecision:
+    tarball: DebugTarball
+    remove: bool
+    reason: str
+
+
+@dataclasses.dataclass
+class PrunePlan:
+    decisions: list[PruneDecision]
+    unrecognised: list[str]  # relative paths, kept
+
+    @property
+    def removals(self) -> list[PruneDecision]:
+        return [d for d in self.decisions if d.remove]
+
+
+def scan_tarballs(root: str) -> tuple[list[DebugTarball], list[str]]:
+    """The tarballs under root, and every other entry (kept as unrecognised).
+
+    Never follows a symlink: a symlinked directory or file is unrecognised.
+    Hidden names (a pack's temporary files) are passed over silently.
+    """
+    tarballs, unrecognised = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        depth = 0 if rel == "." else rel.count("/") + 1
+        for name in sorted(dirnames):
+            if os.path.islink(os.path.join(dirpath, name)) or depth >= 2:
+                unrecognised.append(os.path.normpath(os.path.join(rel, name)))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if depth < 2 and not os.path.islink(os.path.join(dirpath, d))
+        )
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = os.path.normpath(os.path.join(rel, name))
+            st = os.lstat(os.path.join(dirpath, name))
+            parsed = parse_tarball_name(*rel.split("/"), name) if depth == 2 else None
+            if parsed is None or not stat.S_ISREG(st.st_mode):
+                unrecognised.append(path)
+                continue
+            category, pn = rel.split("/")
+            tarballs.append(
+                DebugTarball(
+                    path, category, pn, *parsed, st.st_size, st.st_mtime, st.st_ino
+                )
+            )
+    return tarballs, unrecognised
+
+
+def installed_instances(vardb: str) -> set[tuple[str, str, str | None]]:
+    """(CATEGORY, PF, BUILD_ID) of every installed package in the vardb."""
+    installed = set()
+    for category in os.listdir(vardb):
+        cat_dir = os.path.join(vardb, category)
+        if not os.path.isdir(cat_dir) or category.startswith("."):
+            continue
+        for pf in os.listdir(cat_dir):
+            try:
+                with open(os.path.join(cat_dir, pf, "BUILD_ID"), encoding="utf-8") as f:
+                    build_id = f.read().strip() or None
+            except FileNotFoundError:
+                build_id = None
+            except NotADirectoryError:
+                continue
+            installed.add((category, pf, build_id))
+    return installed
+
+
+def plan_prune(
+    root: str,
+    pkgdir: str,
+    vardb: str,
+    keep_newest: int,
+    min_age_days: float,
+    now: float,
+) -> PrunePlan:
+    """Decide, for every tarball under root, whether prune may remove it.
+
+    Only when all hold: its binary package is gone, it is not the debug info
+    of the installed instance, it is older than min_age_days, and it is not
+    among the keep_newest newest (by version, then BUILD_ID) of its CAT/PN.
+    """
+    tarballs, unrecognised = scan_tarballs(root)
+    installed = installed_instances(vardb)
+    by_package: dict[tuple[str, str], list[DebugTarball]] = {}
+    for t in tarballs:
+        by_package.setdefault((t.category, t.pn), []).append(t)
+    newest = set()
+    for group in by_package.values():
+        group.sort(key=functools.cmp_to_key(_newer_first))
+        newest.update(t.path for t in group[:keep_newest])
+    decisions = [
+        _decide(t, pkgdir, installed, newest, keep_newest, min_age_days, now)
+        for t in tarballs
+    ]
+    return PrunePlan(decisions, unrecognised)
+
+
+def _newer_first(a: DebugTarball, b: DebugTarball) -> int:
+    return -(
+        version_cmp(a.version, b.version)
+        or _cmp(int(a.build_id or 0), int(b.build_id or 0))
+    )
+
+
+def _decide(
+    t: DebugTarball,
+    pkgdir: str,
+    installed: set,
+    newest: set,
+    keep: int,
+    min_age: float,
+    now: float,
+) -> PruneDecision:
+    binpkg = next((p for p in t.binpkgs(pkgdir) if os.path.exists(p)), None)
+    age_days = (now - t.mtime) / DAY
+    if binpkg:
+        return PruneDecision(t, False, f"binary package {binpkg} exists")
+    if (t.category, t.pf, t.build_id) in installed:
+        return PruneDecision(t, False, "debug info of the installed instance")
+    if age_days < min_age:
+        return PruneDecision(
+            t, False, f"only {age_days:.1f} days old (--min-age {min_age:g})"
+        )
+    if t.path in newest:
+        return PruneDecision(
+            t, False, f"among the {keep} newest of {t.category}/{t.pn} (--keep-newest)"
+        )
+    return PruneDecision(
+        t, True, f"binary package gone, not installed, {age_days:.0f} days old"
+    )
+
+
+def execute_prune(root: str, plan: PrunePlan, log: Log) -> list[PruneDecision]:
+    """Remove the planned tarballs, then the directories that emptied; return what went."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    removed: list[PruneDecision] = []
+    emptied: set[tuple[str, ...]] = set()
+    try:
+        for decision in plan.removals:
+            t = decision.tarball
+            *dirs, name = t.path.split("/")
+            try:
+                fd = _open_beneath(root_fd, dirs)
+            except OSError as e:
+                log.warning(
+                    f"{os.path.join(root, t.path)}: kept, cannot reach it without following a link ({e.strerror})"
+                )
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_size) != (
+                    t.ino,
+                    t.size,
+                ):
+                    log.warning(
+                        f"{os.path.join(root, t.path)}: kept, it changed since it was examined"
+                    )
+                    continue
+                os.unlink(name, dir_fd=fd)
+            except FileNotFoundError:
+                continue  # another prune got there first
+            finally:
+                os.close(fd)
+            removed.append(decision)
+            emptied.add(tuple(dirs))
+        _remove_emptied(root_fd, emptied)
+    finally:
+        os.close(root_fd)
+    return removed
+
+
+def _remove_emptied(root_fd: int, dirs: set[tuple[str, ...]]) -> None:
+    """rmdir CAT/PN, then CAT, where a removal emptied them; never the root."""
+    for parts in sorted(dirs | {d[:1] for d in dirs}, key=len, reverse=True):
+        if not parts:
+            continue
+        try:
+            fd = _open_beneath(root_fd, parts[:-1])
+        except OSError:
+            continue
+        try:
+            os.rmdir(parts[-1], dir_fd=fd)
+        except OSError:
+            pass  # not empty (kept tarballs, a pack's temporary file), or gone
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# 6. binhost upkeep: settings
 # ---------------------------------------------------------------------------
 
 PORTAGE_CHECKED = "3.0.83"  # the Portage release these settings were read in
@@ -2398,6 +2710,228 @@ DEDUP_SETTING = Setting(
     "with packdebug, leave this out and use `pack --remove-packed` "
     "(`packdebug settings --bashrc --dedup`).",
 )
+
+
+DEBUGINFOD_LISTEN = "127.0.0.1:8002"  # 8002 is debuginfod's default port
+DEBUGINFOD_DATABASE = "/var/cache/debuginfod/db.sqlite3"
+BINPKG_DIR = "/var/cache/binpkgs"
+# From the Portage pull request (sourceware PR33693): debuginfod runs this
+# with the .gpkg.tar as stdin, to serve the executables inside binpkgs too.
+GPKG_DECODER = "(bsdtar -xf- -O '*/image.tar.*' | bsdtar --strip-components 1 -cf- @-)<"
+LISTEN_ADDRESS_SINCE = (0, 193)  # elfutils NEWS 0.193: debuginfod --listen-address
+SEEKS_SINCE = (0, 192)
+
+
+@dataclasses.dataclass
+class DebuginfodSetup:
+    """The server side that goes with packdebug tarballs."""
+
+    root: str
+    pkgdir: str
+    address: str
+    port: int
+    version: tuple[int, int] | None  # None: unknown, assume the newest
+    version_note: str
+    database: str = DEBUGINFOD_DATABASE
+
+    @property
+    def has_listen_address(self) -> bool:
+        return self.version is None or self.version >= LISTEN_ADDRESS_SINCE
+
+    def argv(self, database: str = "") -> list[str]:
+        """debuginfod's arguments: -Z with no decoder for .tar.xz, so it can seek."""
+        database = database or self.database
+        listen = [f"--listen-address={self.address}"] if self.has_listen_address else []
+        return [
+            "debuginfod",
+            f"--port={self.port}",
+            f"--database={database}",
+            *listen,
+            "-Z",
+            ".tar.xz",
+            self.root,
+            "-Z",
+            f".gpkg.tar={GPKG_DECODER}",
+            self.pkgdir,
+        ]
+
+    def notes(self) -> list[str]:
+        notes = [self.version_note]
+        if not self.has_listen_address:
+            notes.append(
+                f"--listen-address needs elfutils >= 0.193: this debuginfod listens on ALL addresses, "
+                f"port {self.port}; firewall it, or put it behind a reverse proxy"
+            )
+        if self.version is not None and self.version < SEEKS_SINCE:
+            notes.append(
+                "debuginfod < 0.192 serves the tarballs but never seeks in them (each request "
+                "decompresses a whole tarball); 0.192 and later seek"
+            )
+        return notes
+
+    def client_url(self) -> str:
+        host = self.address if self.address not in ("0.0.0.0", "::") else "BINHOST"
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    def unit(self) -> str:
+        """A systemd unit in the hardened style of the Portage pull request."""
+        argv = self.argv("${CACHE_DIRECTORY}/db.sqlite3")
+        exec_start = " ".join(
+            _systemd_quote(a) for a in ["/usr/bin/debuginfod", *argv[1:]]
+        )
+        paths = " ".join(
+            _systemd_quote(p)
+            for p in (
+                "-/usr/src/debug",
+                "/usr/bin",
+                "-/usr/lib64",
+                "/usr/lib",
+                "-/bin",
+                self.root,
+                self.pkgdir,
+            )
+        )
+        return f"""\
+# -*- conf-unix -*-
+# /etc/systemd/system/debuginfod.service, from `packdebug settings --debuginfod`.
+# The hardening follows the Portage pull request; packdebug's tests run the
+# command line, not this unit: check it with `systemd-analyze verify`.
+[Unit]
+Description=elfutils debuginfod: debug info and binaries of this binhost's packages
+Documentation=https://sourceware.org/elfutils/Debuginfod.html man:debuginfod(8)
+After=network.target
+
+[Service]
+DynamicUser=true
+ExecStart={exec_start}
+
+ProtectProc=invisible
+CapabilityBoundingSet=CAP_DAC_OVERRIDE
+AmbientCapabilities=CAP_DAC_OVERRIDE
+NoNewPrivileges=true
+ProtectSystem=strict
+ProtectHome=tmpfs
+PrivateTmp=on
+PrivateDevices=on
+PrivateIPC=on
+PrivateUsers=on
+ProtectClock=on
+ProtectHostname=on
+ProtectKernelTunables=on
+ProtectKernelModules=on
+ProtectKernelLogs=on
+ProtectControlGroups=on
+LockPersonality=on
+RestrictSUIDSGID=on
+PrivateMounts=on
+SystemCallFilter=@system-service
+UnsetEnvironment=DEBUGINFOD_URLS
+
+# The tarballs and binpkgs must be visible, and the .gpkg.tar decoder runs
+# sh and bsdtar, so they may execute too.
+TemporaryFileSystem=/:ro
+BindReadOnlyPaths={paths}
+NoExecPaths=/
+ExecPaths=/usr/bin/debuginfod /bin/sh /usr/bin/sh /usr/bin/bsdtar /usr/lib /usr/lib64
+
+CacheDirectory=debuginfod
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _systemd_quote(arg: str) -> str:
+    """One ExecStart= word (systemd.service(5) "Command lines"); ${VAR} is left to systemd."""
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped}"' if re.search(r"[\s'\"]", arg) else escaped
+
+
+def sh_quote(arg: str) -> str:
+    """Quote for sh, readably: double quotes when nothing inside needs escaping."""
+    if re.fullmatch(r"[\w@%+=:,./-]+", arg):
+        return arg
+    if not re.search(r'["$`\\!]', arg):
+        return f'"{arg}"'
+    return shlex.quote(arg)
+
+
+def debuginfod_version(given: str | None) -> tuple[tuple[int, int] | None, str]:
+    """The elfutils version to write for: as given, else `debuginfod --version`."""
+    if given:
+        match = re.fullmatch(r"(\d+)\.(\d+)", given)
+        if not match:
+            raise UsageError(f"--debuginfod-version {given!r} is not like 0.192")
+        return (
+            int(match[1]),
+            int(match[2]),
+        ), f"written for debuginfod {given} (--debuginfod-version)"
+    import subprocess  # imported here: only this setting runs a program
+
+    try:
+        out = subprocess.run(
+            ["debuginfod", "--version"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    match = re.search(r"(\d+)\.(\d+)", out.splitlines()[0] if out else "")
+    if not match:
+        return (
+            None,
+            "debuginfod not found here: written for elfutils >= 0.193 (see --debuginfod-version)",
+        )
+    return (
+        int(match[1]),
+        int(match[2]),
+    ), f"written for the installed debuginfod {match[1]}.{match[2]}"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """'127.0.0.1:8002', '[::1]:8002' -> (address, port) (argparse type)."""
+    match = re.fullmatch(r"\[?([^\]]*?)\]?:(\d+)", text)
+    if not match or not match[1] or not 0 < int(match[2]) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not ADDRESS:PORT, e.g. {DEBUGINFOD_LISTEN}"
+        )
+    return match[1], int(match[2])
+
+
+def format_debuginfod(setup: DebuginfodSetup, fmt: str) -> str:
+    argv = setup.argv()
+    command = " ".join(sh_quote(a) for a in argv)
+    if fmt == "json":
+        document = {
+            "argv": argv,
+            "command": command,
+            "unit": setup.unit(),
+            "client": {"DEBUGINFOD_URLS": setup.client_url()},
+            "notes": setup.notes(),
+        }
+        return json.dumps(document, indent=2) + "\n"
+    groups, current = [], []
+    for arg in argv:  # one line per -Z EXT DIR
+        if arg == "-Z" and current:
+            groups.append(current)
+            current = []
+        current.append(sh_quote(arg))
+    lines = " \\\n    ".join(" ".join(g) for g in [*groups, current])
+    notes = "".join(f"# {line}\n" for note in setup.notes() for line in _wrap(note, 76))
+    return f"""\
+# debuginfod for packdebug tarballs (-Z .tar.xz with no decoder, so it can seek)
+# and for binary packages (their executables), as in the Portage pull request.
+{notes}
+# Server command line:
+{lines}
+
+{setup.unit()}
+# Clients: put this in their environment (e.g. /etc/env.d/99debuginfod, then
+# env-update), with the name clients reach the binhost by:
+DEBUGINFOD_URLS="{setup.client_url()}"
+"""
 
 
 def portage_settings(dedup: bool = False) -> list[Setting]:
@@ -2633,29 +3167,6 @@ def _pack_options(args: argparse.Namespace) -> PackOptions:
     return PackOptions(preset=args.preset, jobs=args.jobs, block_size=args.block_size)
 
 
-def _make_parents(path: str) -> list[str]:
-    """Create missing parent directories 0755 (as install -d); return them."""
-    created = []
-    parent = os.path.dirname(path)
-    while not os.path.isdir(parent):
-        created.append(parent)
-        parent = os.path.dirname(parent)
-    for directory in reversed(created):
-        try:
-            os.mkdir(directory)
-            os.chmod(directory, 0o755)
-        except OSError as e:
-            _remove_dirs(created)
-            raise PackError(f"{directory}: cannot create: {e.strerror}") from None
-    return created
-
-
-def _remove_dirs(created: list[str]) -> None:
-    for directory in created:  # deepest first
-        with contextlib.suppress(OSError):
-            os.rmdir(directory)
-
-
 def _pack_dry_run(
     scan: ImageScan, target: PackTarget, args: argparse.Namespace, log: Log
 ) -> int:
@@ -2708,6 +3219,14 @@ def cmd_buildid(args: argparse.Namespace, log: Log) -> int:
 
 
 def cmd_settings(args: argparse.Namespace, log: Log) -> int:
+    if args.debuginfod:
+        version, note = debuginfod_version(args.debuginfod_version)
+        address, port = args.listen
+        setup = DebuginfodSetup(
+            args.root, args.pkgdir, address, port, version, note, args.database
+        )
+        log.out.write(format_debuginfod(setup, args.format))
+        return 0
     if args.bashrc:
         snippet = bashrc_snippet(args.dedup)
         text = (
@@ -2927,6 +3446,68 @@ def cmd_repack(args: argparse.Namespace, log: Log) -> int:
     return status
 
 
+def cmd_prune(args: argparse.Namespace, log: Log) -> int:
+    for flag, path in (
+        ("--root", args.root),
+        ("--pkgdir", args.pkgdir),
+        ("--vardb", args.vardb),
+    ):
+        if not os.path.isdir(path):
+            raise UsageError(
+                f"{path}: no such directory (check {flag}); without it prune cannot tell what to keep"
+            )
+    plan = plan_prune(
+        args.root, args.pkgdir, args.vardb, args.keep_newest, args.min_age, time.time()
+    )
+    if plan.removals and not _has_binpkgs(args.pkgdir):
+        raise UsageError(
+            f"{args.pkgdir} holds no binary packages, so every tarball looks orphaned; "
+            "is --pkgdir right? Nothing was removed"
+        )
+    removed = plan.removals if args.dry_run else execute_prune(args.root, plan, log)
+    freed = sum(d.tarball.size for d in removed)
+    if args.json:
+        kept = [
+            {"path": d.tarball.path, "reason": d.reason}
+            for d in plan.decisions
+            if not d.remove
+        ]
+        gone = [
+            {"path": d.tarball.path, "size": d.tarball.size, "reason": d.reason}
+            for d in removed
+        ]
+        document = {
+            "root": args.root,
+            "dry_run": args.dry_run,
+            "removed": gone,
+            "kept": kept,
+            "unrecognised": plan.unrecognised,
+            "freed": freed,
+        }
+        log.out.write(json.dumps(document, indent=2) + "\n")
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for d in removed:
+        log.info(f"{verb} {d.tarball.path} ({format_size(d.tarball.size)}): {d.reason}")
+    for d in plan.decisions:
+        if not d.remove:
+            log.detail(f"kept {d.tarball.path}: {d.reason}")
+    for path in plan.unrecognised:
+        log.info(f"unrecognised, kept: {path}")
+    log.info(
+        f"{'would free' if args.dry_run else 'freed'} {format_size(freed)} in {len(removed)} tarballs "
+        f"under {args.root} ({len(plan.decisions) - len(plan.removals)} kept)"
+    )
+    return 0
+
+
+def _has_binpkgs(pkgdir: str) -> bool:
+    for _dirpath, _dirnames, filenames in os.walk(pkgdir):
+        if any(f.endswith((".gpkg.tar", ".xpak", ".tbz2")) for f in filenames):
+            return True
+    return False
+
+
 def parse_size(text: str) -> int:
     """'8MiB', '8M', '512k' or '1048576' -> bytes (argparse type)."""
     match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text, re.IGNORECASE)
@@ -2984,6 +3565,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(commands, common)
     _add_find(commands, common)
     _add_repack(commands, common)
+    _add_prune(commands, common)
     _add_settings(commands, common)
     return parser
 
@@ -3260,18 +3842,88 @@ examples:
     p.set_defaults(run=cmd_repack)
 
 
+def _add_prune(commands, common) -> None:
+    p = commands.add_parser(
+        "prune",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="remove debug tarballs whose binary package is gone",
+        description="""\
+Portage keeps every debug tarball (UNINSTALL_IGNORE), owned by nothing.  prune
+removes a tarball CAT/PN/PF[-BUILD_ID]-debug.tar.xz under ROOT only when all of
+these hold:
+  - its binary package is gone: PKGDIR/CAT/PN/PF-BUILD_ID.gpkg.tar or .xpak,
+    or, without BUILD_ID, PKGDIR/CAT/PF.gpkg.tar or .tbz2;
+  - it is not the debug info of the installed instance (VARDB/CAT/PF and its
+    BUILD_ID);
+  - it is older than --min-age days;
+  - it is not among the --keep-newest newest of its CAT/PN (by version, then
+    BUILD_ID), as clients may still run old binaries after an upgrade.
+Then it removes the directories those removals emptied.  It never follows a
+symlink, never touches anything but *-debug.tar.xz files under ROOT (nor a
+pack's hidden temporary files), and lists names it cannot parse as
+"unrecognised, kept".  Several prunes, or a prune beside a pack, can run at once.""",
+        epilog="""\
+examples:
+  packdebug prune --pkgdir /var/cache/binpkgs --dry-run
+  packdebug prune --pkgdir /var/cache/binpkgs --keep-newest 2 --min-age 30 --json""",
+    )
+    p.add_argument(
+        "--root",
+        default="/" + TARBALL_DIR,
+        metavar="DIR",
+        help=f"the tarballs (default: /{TARBALL_DIR})",
+    )
+    p.add_argument(
+        "--pkgdir",
+        default=BINPKG_DIR,
+        metavar="DIR",
+        help=f"Portage's PKGDIR (default: {BINPKG_DIR})",
+    )
+    p.add_argument(
+        "--vardb",
+        default="/var/db/pkg",
+        metavar="DIR",
+        help="installed packages (default: /var/db/pkg)",
+    )
+    p.add_argument(
+        "--keep-newest",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="keep the N newest tarballs of each package whatever else (default: 1)",
+    )
+    p.add_argument(
+        "--min-age",
+        type=float,
+        default=1.0,
+        metavar="DAYS",
+        help="keep tarballs younger than this (default: 1 day)",
+    )
+    p.add_argument(
+        "-n", "--dry-run", action="store_true", help="print the plan; remove nothing"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=cmd_prune)
+
+
 def _add_settings(commands, common) -> None:
     p = commands.add_parser(
         "settings",
         parents=[common],
         formatter_class=_HelpFormatter,
         help="print the Portage settings that go with packdebug tarballs",
-        description="Print the Portage settings a binhost needs beside packdebug tarballs,\n"
-        "each with a comment saying where it must go and why.",
-        epilog="examples:\n"
-        "  packdebug settings >> /etc/portage/make.conf\n"
-        "  packdebug settings --bashrc >> /etc/portage/bashrc\n"
-        "  packdebug settings --format json",
+        description="""\
+Print the Portage settings a binhost needs beside packdebug tarballs, each
+with a comment saying where it must go and why; or, with --bashrc, a hook
+that packs every merged package; or, with --debuginfod, the server side: the
+debuginfod command line, a hardened systemd unit, and the clients' line.""",
+        epilog="""\
+examples:
+  packdebug settings >> /etc/portage/make.conf
+  packdebug settings --bashrc >> /etc/portage/bashrc
+  packdebug settings --format json
+  packdebug settings --debuginfod --listen 0.0.0.0:8002 --pkgdir /var/cache/binpkgs""",
     )
     p.add_argument(
         "--format",
@@ -3288,6 +3940,42 @@ def _add_settings(commands, common) -> None:
         "--bashrc",
         action="store_true",
         help="print an /etc/portage/bashrc hook that runs `packdebug pack`",
+    )
+    server = p.add_argument_group("the debuginfod side")
+    server.add_argument(
+        "--debuginfod",
+        action="store_true",
+        help="print the debuginfod command line, a systemd unit and DEBUGINFOD_URLS",
+    )
+    server.add_argument(
+        "--listen",
+        type=parse_listen,
+        default=parse_listen(DEBUGINFOD_LISTEN),
+        metavar="ADDR:PORT",
+        help=f"where debuginfod listens (default: {DEBUGINFOD_LISTEN})",
+    )
+    server.add_argument(
+        "--root",
+        default="/" + TARBALL_DIR,
+        metavar="DIR",
+        help=f"the tarballs (default: /{TARBALL_DIR})",
+    )
+    server.add_argument(
+        "--pkgdir",
+        default=BINPKG_DIR,
+        metavar="DIR",
+        help=f"the binary packages (default: {BINPKG_DIR})",
+    )
+    server.add_argument(
+        "--database",
+        default=DEBUGINFOD_DATABASE,
+        metavar="FILE",
+        help=f"debuginfod's sqlite database for the command line (default: {DEBUGINFOD_DATABASE})",
+    )
+    server.add_argument(
+        "--debuginfod-version",
+        metavar="X.Y",
+        help="write for this elfutils (default: ask `debuginfod --version`)",
     )
     p.set_defaults(run=cmd_settings)
 

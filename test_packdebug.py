@@ -1781,6 +1781,478 @@ def test_debuginfod_0192_seeks_in_a_repacked_portage_tarball(image, tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# 6. binhost upkeep: prune
+# ---------------------------------------------------------------------------
+
+
+def xz_tar(members: dict) -> bytes:
+    """An xz-compressed tar of {name: bytes}, as Portage compresses gpkg parts."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def make_gpkg(
+    pkgdir: pathlib.Path,
+    category: str,
+    pn: str,
+    pf: str,
+    build_id: str | None,
+    image: dict,
+) -> pathlib.Path:
+    """A GPKG binpkg (FACTS.md §5): an uncompressed tar of PF[-BUILD_ID]/{gpkg-1,
+    metadata.tar.xz, image.tar.xz, Manifest}, image members under image/."""
+    base = f"{pf}-{build_id}" if build_id else pf
+    path = (
+        pkgdir / category / pn / f"{base}.gpkg.tar"
+        if build_id
+        else pkgdir / category / f"{pf}.gpkg.tar"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        f"metadata/{k}": f"{v}\n".encode()
+        for k, v in (("CATEGORY", category), ("PF", pf))
+    }
+    if build_id:
+        metadata["metadata/BUILD_ID"] = f"{build_id}\n".encode()
+    parts = {
+        f"{base}/gpkg-1": b"",
+        f"{base}/metadata.tar.xz": xz_tar(metadata),
+        f"{base}/image.tar.xz": xz_tar({f"image/{k}": v for k, v in image.items()}),
+        f"{base}/Manifest": b"DATA image.tar.xz 0\n",
+    }
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in parts.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+class Binhost:
+    """A tarball root, a PKGDIR and a vardb, built file by file."""
+
+    def __init__(self, base: pathlib.Path) -> None:
+        self.root, self.pkgdir, self.vardb = (
+            base / "tarballs",
+            base / "binpkgs",
+            base / "vardb",
+        )
+        for d in (self.root, self.pkgdir, self.vardb):
+            d.mkdir(parents=True)
+
+    def tarball(
+        self, rel: str, days_old: float = 30, data: bytes = b"not really xz"
+    ) -> pathlib.Path:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        stamp = time.time() - days_old * 86400
+        os.utime(path, (stamp, stamp))
+        return path
+
+    def binpkg(
+        self, category: str, pn: str, pf: str, build_id: str | None, fmt: str = "gpkg"
+    ) -> None:
+        """A binpkg where Portage's bintree puts it; xpak and tbz2 only by name."""
+        if fmt == "gpkg":
+            make_gpkg(self.pkgdir, category, pn, pf, build_id, {})
+            return
+        path = (
+            self.pkgdir / category / pn / f"{pf}-{build_id}.{fmt}"
+            if build_id
+            else self.pkgdir / category / f"{pf}.{fmt}"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"xpak")
+
+    def installed(self, category: str, pf: str, build_id: str | None) -> None:
+        (self.vardb / category / pf).mkdir(parents=True)
+        if build_id:
+            (self.vardb / category / pf / "BUILD_ID").write_text(build_id + "\n")
+
+    def prune(self, *args, check: bool = True) -> subprocess.CompletedProcess:
+        return cli(
+            "prune",
+            "--root",
+            self.root,
+            "--pkgdir",
+            self.pkgdir,
+            "--vardb",
+            self.vardb,
+            *args,
+            check=check,
+        )
+
+    def left(self) -> set:
+        return {
+            str(p.relative_to(self.root))
+            for p in self.root.rglob("*")
+            if not p.is_dir() or p.is_symlink()
+        }
+
+
+def test_version_comparison_follows_pms():
+    ordered = [
+        "1.0_alpha",
+        "1.0_alpha1",
+        "1.0_beta",
+        "1.0_pre",
+        "1.0_rc1",
+        "1.0",
+        "1.0-r1",
+        "1.0_p1",
+        "1.0a",
+        "1.0.1",
+        "1.01.1",
+        "1.1",
+        "1.2_alpha_p",
+        "1.2",
+        "2",
+        "10",
+    ]
+    for i, a in enumerate(ordered):
+        for j, b in enumerate(ordered):
+            assert pd.version_cmp(a, b) == (i > j) - (i < j), (a, b)
+    assert (
+        pd.version_cmp("1.010", "1.01") == 0
+    )  # PMS 3.3: trailing zeros after a leading zero do not count
+
+
+def test_tarball_names_parse_in_both_schemes():
+    assert pd.parse_tarball_name("dev-libs", "foo", "foo-1.2.3-r4-17-debug.tar.xz") == (
+        "foo-1.2.3-r4",
+        "1.2.3-r4",
+        "17",
+    )
+    assert pd.parse_tarball_name("dev-libs", "foo", "foo-1.2.3-debug.tar.xz") == (
+        "foo-1.2.3",
+        "1.2.3",
+        None,
+    )
+    assert pd.parse_tarball_name("dev-libs", "foo", "foo-bar-1-debug.tar.xz") is None
+    assert pd.parse_tarball_name("dev-libs", "foo", "foo-1.tar.xz") is None
+
+
+def test_prune_removes_only_orphans_and_keeps_by_every_rule(tmp_path):
+    host = Binhost(tmp_path)
+    host.tarball("dev-libs/foo/foo-1.0-1-debug.tar.xz")  # binpkg gone, old: removed
+    host.tarball("dev-libs/foo/foo-1.1-2-debug.tar.xz")  # binpkg exists
+    host.binpkg("dev-libs", "foo", "foo-1.1", "2")
+    host.tarball("dev-libs/foo/foo-1.2-3-debug.tar.xz")  # installed instance
+    host.installed("dev-libs", "foo-1.2", "3")
+    host.tarball(
+        "dev-libs/foo/foo-1.2-4-debug.tar.xz"
+    )  # same PF, another BUILD_ID: removed
+    host.tarball("dev-libs/bar/bar-2-5-debug.tar.xz")  # xpak binpkg exists
+    host.binpkg("dev-libs", "bar", "bar-2", "5", "xpak")
+    host.tarball("app-misc/old/old-1-debug.tar.xz")  # no BUILD_ID, tbz2 exists
+    host.binpkg("app-misc", "old", "old-1", None, "tbz2")
+    host.tarball(
+        "app-misc/old/old-0.9-debug.tar.xz"
+    )  # no BUILD_ID, nothing: removed, dirs stay (old-1)
+    host.tarball(
+        "app-misc/gone/gone-3-debug.tar.xz"
+    )  # removed, and app-misc/gone goes with it
+    host.tarball("app-misc/young/young-1-1-debug.tar.xz", days_old=0.1)  # too young
+    result = host.prune("--keep-newest", "0")
+    removed = {
+        line.split()[1]
+        for line in result.stdout.splitlines()
+        if line.startswith("removed ")
+    }
+    assert removed == {
+        "dev-libs/foo/foo-1.0-1-debug.tar.xz",
+        "dev-libs/foo/foo-1.2-4-debug.tar.xz",
+        "app-misc/old/old-0.9-debug.tar.xz",
+        "app-misc/gone/gone-3-debug.tar.xz",
+    }
+    assert host.left() == {
+        "dev-libs/foo/foo-1.1-2-debug.tar.xz",
+        "dev-libs/foo/foo-1.2-3-debug.tar.xz",
+        "dev-libs/bar/bar-2-5-debug.tar.xz",
+        "app-misc/old/old-1-debug.tar.xz",
+        "app-misc/young/young-1-1-debug.tar.xz",
+    }
+    assert (
+        not (host.root / "app-misc/gone").exists() and (host.root / "app-misc").is_dir()
+    )
+    assert re.search(r"^freed 52 B in 4 tarballs", result.stdout, re.MULTILINE)
+
+
+def test_prune_keeps_the_newest_per_package_by_version(tmp_path):
+    host = Binhost(tmp_path)
+    for name in ("foo-1.9-1", "foo-1.10-2", "foo-1.10_rc1-3", "foo-1.2-4"):
+        host.tarball(f"dev-libs/foo/{name}-debug.tar.xz")
+    host.binpkg("dev-libs", "unrelated", "unrelated-1", "1")
+    host.prune("--keep-newest", "2")
+    assert host.left() == {
+        "dev-libs/foo/foo-1.10-2-debug.tar.xz",
+        "dev-libs/foo/foo-1.10_rc1-3-debug.tar.xz",
+    }
+
+
+def test_prune_dry_run_prints_the_same_plan_and_touches_nothing(tmp_path):
+    host = Binhost(tmp_path)
+    for i in range(3):
+        host.tarball(f"dev-libs/foo/foo-{i}-1-debug.tar.xz")
+    host.binpkg("dev-libs", "foo", "foo-2", "1")
+    before = host.left()
+    dry = host.prune("--keep-newest", "0", "--dry-run").stdout
+    assert host.left() == before
+    real = host.prune("--keep-newest", "0").stdout
+    assert dry.replace("would remove", "removed").replace("would free", "freed") == real
+    data = json.loads(Binhost.prune(host, "--json", "--dry-run").stdout)
+    assert (
+        data["dry_run"]
+        and data["removed"] == []
+        and data["kept"][0]["reason"].startswith("binary package")
+    )
+
+
+def test_prune_keeps_unrecognised_names_symlinks_and_temporary_files(tmp_path):
+    host = Binhost(tmp_path)
+    outside = tmp_path / "outside"
+    (outside / "foo").mkdir(parents=True)
+    (outside / "foo/foo-1-1-debug.tar.xz").write_bytes(b"outside")
+    (host.root / "dev-libs").mkdir()
+    (host.root / "dev-libs/linked").symlink_to(outside / "foo")
+    host.tarball("dev-libs/foo/foo-1-1-debug.tar.xz")
+    (host.root / "dev-libs/foo/foo-2-1-debug.tar.xz").symlink_to(
+        outside / "foo/foo-1-1-debug.tar.xz"
+    )
+    host.tarball("dev-libs/foo/README")
+    host.tarball(
+        "dev-libs/foo/bar-1-1-debug.tar.xz"
+    )  # another package's name in foo's directory
+    host.tarball("stray-debug.tar.xz")
+    host.tarball("a/b/c/deep-1-debug.tar.xz")
+    temp = host.tarball(
+        "dev-libs/foo/.foo-3-1-debug.tar.xz.1a2b3c4d.tmp"
+    )  # a pack writing right now
+    host.binpkg("dev-libs", "other", "other-1", "1")
+    out = host.prune("--keep-newest", "0").stdout
+    for name in (
+        "dev-libs/linked",
+        "dev-libs/foo/foo-2-1-debug.tar.xz",
+        "dev-libs/foo/README",
+        "dev-libs/foo/bar-1-1-debug.tar.xz",
+        "stray-debug.tar.xz",
+        "a/b/c",
+    ):
+        assert f"unrecognised, kept: {name}\n" in out, name
+    assert "removed dev-libs/foo/foo-1-1-debug.tar.xz" in out
+    assert (
+        outside / "foo/foo-1-1-debug.tar.xz"
+    ).read_bytes() == b"outside" and temp.exists()
+    assert (host.root / "dev-libs/foo/foo-2-1-debug.tar.xz").is_symlink()
+
+
+def test_prune_refuses_without_pkgdir_or_binpkgs(tmp_path):
+    host = Binhost(tmp_path)
+    host.tarball("dev-libs/foo/foo-1-1-debug.tar.xz")
+    empty = host.prune("--keep-newest", "0", check=False)
+    assert empty.returncode == 2 and "holds no binary packages" in empty.stderr
+    missing = cli(
+        "prune",
+        "--root",
+        host.root,
+        "--pkgdir",
+        tmp_path / "nope",
+        "--vardb",
+        host.vardb,
+        check=False,
+    )
+    assert missing.returncode == 2 and "--pkgdir" in missing.stderr
+    assert host.left() == {"dev-libs/foo/foo-1-1-debug.tar.xz"}
+
+
+def test_two_prunes_at_once_remove_exactly_the_orphans(tmp_path):
+    host = Binhost(tmp_path)
+    expected = set()
+    for i in range(300):
+        rel = f"cat-{i % 7}/pkg{i % 13}/pkg{i % 13}-{i}-1-debug.tar.xz"
+        host.tarball(rel)
+        if i % 3 == 0:
+            host.binpkg(f"cat-{i % 7}", f"pkg{i % 13}", f"pkg{i % 13}-{i}", "1", "xpak")
+            expected.add(rel)
+    command = [
+        sys.executable,
+        SCRIPT,
+        "prune",
+        "--root",
+        host.root,
+        "--pkgdir",
+        host.pkgdir,
+        "--vardb",
+        host.vardb,
+        "--keep-newest",
+        "0",
+        "-q",
+    ]
+    procs = [
+        subprocess.Popen([str(c) for c in command], stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0 and "Traceback" not in proc.stderr.read()
+    assert host.left() == expected
+
+
+def test_prune_beside_a_pack_loses_nothing(image, tmp_path):
+    host = Binhost(tmp_path / "host")
+    host.tarball(
+        "app-misc/hello/hello-0.9-1-debug.tar.xz"
+    )  # orphan: goes, and would empty the directory
+    host.binpkg("app-misc", "hello", "hello-1.0", "2")
+    rng = random.Random(4)
+    (image / "usr/lib/debug/usr/lib/blob").write_bytes(
+        rng.getrandbits(8 * (12 << 20)).to_bytes(12 << 20, "little")
+    )
+    target = host.root / "app-misc/hello/hello-1.0-2-debug.tar.xz"
+    pack_proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "pack", "--image", image, "--output", target, "-j1"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while (
+        not list((host.root / "app-misc/hello").glob(".*.tmp"))
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.02)
+    temps = list((host.root / "app-misc/hello").glob(".*.tmp"))
+    assert temps, "the pack's temporary file never appeared"
+    out = host.prune("--keep-newest", "0").stdout
+    assert "removed app-misc/hello/hello-0.9-1-debug.tar.xz" in out
+    assert temps[0].exists()
+    assert pack_proc.wait(timeout=120) == 0, pack_proc.stderr.read()
+    assert host.left() == {"app-misc/hello/hello-1.0-2-debug.tar.xz"}
+    assert cli("verify", target).returncode == 0
+
+
+# ---------------------------------------------------------------------------
+# 6. binhost upkeep: settings --debuginfod
+# ---------------------------------------------------------------------------
+
+
+def server_command(text: str) -> str:
+    """The 'Server command line' that settings --debuginfod prints, joined."""
+    lines = text.split("# Server command line:\n", 1)[1].split("\n\n", 1)[0]
+    return lines.replace(" \\\n    ", " ")
+
+
+def test_debuginfod_settings_follow_the_version(tmp_path):
+    new = cli(
+        "settings",
+        "--debuginfod",
+        "--debuginfod-version",
+        "0.193",
+        "--listen",
+        "127.0.0.1:9000",
+    ).stdout
+    assert (
+        "--listen-address=127.0.0.1 " in server_command(new)
+        and "ALL addresses" not in new
+    )
+    old = cli("settings", "--debuginfod", "--debuginfod-version", "0.188").stdout
+    assert (
+        "--listen-address" not in server_command(old)
+        and "listens on ALL" in old
+        and "never seeks" in old
+    )
+    assert 'DEBUGINFOD_URLS="http://127.0.0.1:9000"' in new
+    assert "-Z .tar.xz /usr/lib/debug/.tarball" in server_command(new)
+    data = json.loads(
+        cli(
+            "settings",
+            "--debuginfod",
+            "--format",
+            "json",
+            "--debuginfod-version",
+            "0.192",
+        ).stdout
+    )
+    assert (
+        data["argv"][0] == "debuginfod"
+        and "-Z" in data["argv"]
+        and data["client"]["DEBUGINFOD_URLS"]
+    )
+    if shutil.which("systemd-analyze"):
+        unit = tmp_path / "debuginfod.service"
+        unit.write_text(data["unit"])
+        result = run("systemd-analyze", "verify", unit, check=False, text=True)
+        assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_printed_debuginfod_command_serves_tarballs_and_binpkg_executables(
+    image, tmp_path
+):
+    need("debuginfod", "debuginfod-find", "bsdtar")
+    host = Binhost(tmp_path / "host")
+    tarball = pack(image)
+    (host.root / "app-misc/hello").mkdir(parents=True)
+    shutil.copy(tarball, host.root / "app-misc/hello" / tarball.name)
+    make_gpkg(
+        host.pkgdir,
+        "app-misc",
+        "hello",
+        "hello-1.0",
+        "1",
+        {"usr/bin/hello": (image / "usr/bin/hello").read_bytes()},
+    )
+    port = free_port()
+    text = cli(
+        "settings",
+        "--debuginfod",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--root",
+        host.root,
+        "--pkgdir",
+        host.pkgdir,
+        "--database",
+        tmp_path / "db.sqlite",
+    ).stdout
+    command = server_command(text)
+    with (
+        open(tmp_path / "debuginfod.log", "w") as log,
+        subprocess.Popen(
+            ["sh", "-c", f"exec {command}"], stdout=log, stderr=log
+        ) as proc,
+    ):
+        try:
+            wait_for_scan(port, proc)
+            deadline = time.monotonic() + 60
+            while 'scanned_files_total{source=".gpkg.tar archive"} 1' not in metrics(
+                port
+            ):
+                assert time.monotonic() < deadline, "the .gpkg.tar was never scanned"
+                time.sleep(0.2)
+            hello_id = readelf_build_id(image / "usr/bin/hello")
+            url = re.search(r'DEBUGINFOD_URLS="([^"]+)"', text)[1]
+            env = {
+                **os.environ,
+                "DEBUGINFOD_URLS": url,
+                "DEBUGINFOD_CACHE_PATH": str(tmp_path / "cache"),
+            }
+            got = run(
+                "debuginfod-find", "debuginfo", hello_id, env=env, text=True
+            ).stdout.strip()
+            run("cmp", got, debug_file(image))
+            got = run(
+                "debuginfod-find", "executable", hello_id, env=env, text=True
+            ).stdout.strip()
+            run("cmp", got, image / "usr/bin/hello")
+        finally:
+            proc.terminate()
+
+
+# ---------------------------------------------------------------------------
 # 6. settings
 # ---------------------------------------------------------------------------
 
