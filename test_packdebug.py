@@ -812,8 +812,11 @@ def test_no_debug_content_writes_nothing_and_says_so_in_one_line(tmp_path):
     assert not (tmp_path / "usr/lib/debug/.tarball").exists()
 
 
-def test_debug_elf_without_build_id_warns_and_strict_refuses(image, tmp_path):
-    need("gcc")
+def add_debug_file_without_build_id(
+    image: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """usr/lib/debug/usr/bin/noid.debug, split from a binary linked without one."""
+    need("gcc", "objcopy")
     src = tmp_path / "x.c"
     src.write_text("int main(void) { return 0; }\n")
     run("gcc", "-g", "-Wl,--build-id=none", "-o", tmp_path / "x", src)
@@ -823,6 +826,10 @@ def test_debug_elf_without_build_id_warns_and_strict_refuses(image, tmp_path):
         tmp_path / "x",
         image / "usr/lib/debug/usr/bin/noid.debug",
     )
+
+
+def test_debug_elf_without_build_id_warns_and_strict_refuses(image, tmp_path):
+    add_debug_file_without_build_id(image, tmp_path)
     (image / "usr/lib/debug/usr/bin/garbage.debug").write_bytes(
         b"\x7fELF\x02\x01\x01" + bytes(9)
     )
@@ -1290,15 +1297,7 @@ def test_verify_fails_portage_tarball_for_one_block_and_dot_slash_names(
 def test_verify_reports_padding_streams_missing_build_ids_and_broken_links(
     image, tmp_path
 ):
-    src = tmp_path / "x.c"
-    src.write_text("int main(void) { return 0; }\n")
-    run("gcc", "-g", "-Wl,--build-id=none", "-o", tmp_path / "x", src)
-    run(
-        "objcopy",
-        "--only-keep-debug",
-        tmp_path / "x",
-        image / "usr/lib/debug/usr/bin/noid.debug",
-    )
+    add_debug_file_without_build_id(image, tmp_path)
     (image / "usr/lib/debug/.build-id/00").mkdir()
     (image / "usr/lib/debug/.build-id/00/1122334455.debug").symlink_to(
         "../../usr/bin/gone.debug"
