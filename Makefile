@@ -13,9 +13,9 @@ DEB_TOOLS := gcc:gcc objcopy:binutils debugedit:debugedit xz:xz-utils bsdtar:lib
 	debuginfod:debuginfod eu-readelf:elfutils i686-linux-gnu-gcc:gcc-i686-linux-gnu \
 	powerpc-linux-gnu-gcc:gcc-powerpc-linux-gnu s390x-linux-gnu-gcc:gcc-s390x-linux-gnu
 DEB_EXTRA := libc6-dev libc6-dev-i386-cross libc6-dev-powerpc-cross libc6-dev-s390x-cross \
-	python3-venv curl
+	python3-venv curl time
 
-.PHONY: all test demo deps install uninstall lint clean
+.PHONY: all test demo deps bench install uninstall lint clean
 
 all: test
 
@@ -51,6 +51,10 @@ demo: deps
 	echo "== xz -lvv (blocks)"; xz -lvv "$$tarball" | sed -n '/^  Blocks:$$/,/^  Memory/p'; \
 	echo "== tar -tvJf"; tar -tvJf "$$tarball"
 
+# Long measurements, side by side with Portage's command and xz (see bench/bench.py).
+bench: deps
+	$(PYTHON) bench/bench.py $(BENCH_ARGS)
+
 install:
 	install -D -m 0755 packdebug.py $(DESTDIR)$(PREFIX)/bin/packdebug
 
@@ -64,4 +68,4 @@ lint: $(VENV)/bin/pytest
 	$(VENV)/bin/vermin -t=3.9- --no-tips --violations packdebug.py
 
 clean:
-	rm -rf $(VENV) .venv-* .pytest_cache __pycache__
+	rm -rf $(VENV) .venv-* .pytest_cache __pycache__ bench-results

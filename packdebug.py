@@ -3117,13 +3117,15 @@ def cmd_pack(args: argparse.Namespace, log: Log) -> int:
     if args.dry_run:
         return _pack_dry_run(scan, target, args, log)
     created = _make_parents(target.output)
+    progress = _progress(args, log, scan.data_size)
     try:
-        result = write_tarball(
-            scan, target.output, _pack_options(args), _progress(args, log, scan)
-        )
+        result = write_tarball(scan, target.output, _pack_options(args), progress)
     except BaseException:
         _remove_dirs(created)
         raise
+    finally:
+        if progress:
+            progress.clear()
     _report_pack(scan, result, log)
     if args.remove_packed:
         files, dirs = remove_packed(scan, log)
@@ -3195,8 +3197,42 @@ def _report_pack(scan: ImageScan, result: PackResult, log: Log) -> None:
     )
 
 
-def _progress(args: argparse.Namespace, log: Log, total: int) -> ProgressFn | None:
-    return None
+class Progress:
+    """One self-updating line on a terminal: bytes read and written, rate, ETA."""
+
+    INTERVAL = 0.5  # seconds between redraws
+
+    def __init__(self, total: int, stream) -> None:
+        self.total, self.stream = max(total, 1), stream
+        self.start = self.last = time.monotonic()
+        self.drawn = False
+
+    def __call__(self, done: int, written: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.INTERVAL:
+            return
+        self.last, elapsed = now, now - self.start
+        rate = done / elapsed if elapsed else 0
+        eta = (self.total - min(done, self.total)) / rate if rate else 0
+        percent = min(100, 100 * done // self.total)
+        self.stream.write(
+            f"\r{percent:3d}%  {format_size(done)} read, {format_size(written)} written, "
+            f"{format_size(rate)}/s, ETA {int(eta) // 60}:{int(eta) % 60:02d}\x1b[K"
+        )
+        self.stream.flush()
+        self.drawn = True
+
+    def clear(self) -> None:
+        if self.drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def _progress(args: argparse.Namespace, log: Log, total: int) -> Progress | None:
+    """A progress line when stderr is a terminal and not -q; none in logs."""
+    if log.verbosity < 0 or not log.err.isatty():
+        return None
+    return Progress(total, log.err)
 
 
 def cmd_buildid(args: argparse.Namespace, log: Log) -> int:
@@ -3411,6 +3447,9 @@ def cmd_repack(args: argparse.Namespace, log: Log) -> int:
     sde = source_date_epoch(os.environ)
     status, saved, done = 0, 0, 0
     for path in paths:
+        progress = _progress(
+            args, log, os.path.getsize(path) * 4
+        )  # a guess: xz shrinks DWARF ~4x
         try:
             result = repack_archive(
                 path,
@@ -3418,12 +3457,15 @@ def cmd_repack(args: argparse.Namespace, log: Log) -> int:
                 force=args.force,
                 dry_run=args.dry_run,
                 source_date_epoch=sde,
-                progress=_progress(args, log, os.path.getsize(path)),
+                progress=progress,
             )
         except PackdebugError as e:
             log.warning(str(e))
             status = 1
             continue
+        finally:
+            if progress:
+                progress.clear()
         reasons = "; ".join(result.reasons)
         if not result.reasons:
             log.detail(

@@ -1,0 +1,547 @@
+#!/usr/bin/env python3
+"""make bench: packdebug measured side by side with what a binhost runs today.
+
+Everything runs in one go, on the same inputs, at the same preset (6):
+
+  pack    packdebug pack -j1 and -jN (N = all CPUs), against
+          Portage's own command:  tar -cJf - ./usr/src/debug ./usr/lib/debug
+          xz >= 5.6's default:    tar -cf - ... | xz -6 -T N --block-size=24MiB
+          (spelled out, so that it also runs with xz 5.4)
+  blocks  packdebug at several --block-size against one plain xz block
+  small   pack of a one-binary image against Portage's command (fixed cost)
+  big     peak memory on a ~1 GiB image against a ~50 MiB one; extraction of
+          the last debug file by build-id against xz -dc | tar -xO, from
+          packdebug's tarball and from Portage's single-block one; peak memory
+          of list, verify and extract
+
+Inputs, built once and cached under --work (default /var/tmp/packdebug-bench):
+  dbg    Debian -dbg packages (apt-get download + dpkg -x), as shipped: their
+         debug sections are zlib-compressed, as with FEATURES=compressdebug
+  plain  the same with the sections decompressed (objcopy
+         --decompress-debug-sections), as Gentoo builds without compressdebug
+  big    plain repeated to ~1 GiB, each copy with its own build-ids
+  small  tests/estrip-image.sh: one program split the estrip way
+--image DIR replaces dbg and plain by any image directory.
+
+Times are medians of --runs runs; the report is Markdown on stdout and JSON in
+bench-results/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pathlib
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent.parent
+PACKDEBUG = HERE / "packdebug.py"
+sys.path.insert(0, str(HERE))
+import packdebug as pd
+
+DEBS = ("python3.11-dbg", "libc6-dbg")
+MiB = 1 << 20
+
+
+def sh(command: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, shell=True, check=True, **kwargs)
+
+
+def measure(argv: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of one run, its largest process.
+
+    GNU time reports the RSS: a child forked from this Python process would
+    count this process's memory until it execs.
+    """
+    report = HERE / "bench-results" / ".time"
+    report.parent.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    result = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", "-o", str(report), *argv],
+        stdout=subprocess.DEVNULL,
+        check=False,
+    )
+    wall = time.perf_counter() - start
+    if result.returncode:
+        raise SystemExit(f"bench: {argv} failed ({result.returncode})")
+    return wall, int(report.read_text().split()[-1])
+
+
+def repeat(argv: list[str], runs: int) -> dict:
+    samples = [measure(argv) for _ in range(runs)]
+    return {
+        "wall": statistics.median(s[0] for s in samples),
+        "walls": [round(s[0], 3) for s in samples],
+        "rss_kib": max(s[1] for s in samples),
+    }
+
+
+def trees(image: pathlib.Path) -> str:
+    return " ".join(f"./{t}" for t in pd.DEBUG_TREES if (image / t).is_dir())
+
+
+def tarball_facts(path: pathlib.Path) -> dict:
+    reader = pd.XzReader(path)
+    facts = {
+        "size": path.stat().st_size,
+        "blocks": len(reader.layout.blocks),
+        "seekable": pd.seekability(reader.layout).ok,
+    }
+    reader.close()
+    return facts
+
+
+# ---------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------
+
+
+def build_dbg(work: pathlib.Path) -> pathlib.Path:
+    image = work / "dbg"
+    if (image / "usr/lib/debug").is_dir():
+        return image
+    debs = work / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["apt-get", "download", *DEBS], cwd=debs, check=False).returncode:
+        sh("apt-get update -q", stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "download", *DEBS], cwd=debs, check=True)
+    staging = work / "dbg.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    for deb in sorted(debs.glob("*.deb")):
+        subprocess.run(["dpkg", "-x", deb, staging], check=True)
+    (image / "usr/lib").mkdir(parents=True)
+    (staging / "usr/lib/debug").rename(image / "usr/lib/debug")
+    shutil.rmtree(staging)
+    return image
+
+
+def build_plain(work: pathlib.Path, dbg: pathlib.Path) -> pathlib.Path:
+    image = work / "plain"
+    if (image / "usr/lib/debug").is_dir():
+        return image
+    staging = work / "plain.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    sh(f"cp -a {dbg} {staging}")
+    for path in sorted(staging.rglob("*")):
+        if (
+            not path.is_file()
+            or path.is_symlink()
+            or path.read_bytes()[:4] != b"\x7fELF"
+        ):
+            continue
+        decompress = ["objcopy", "--decompress-debug-sections", path]
+        if subprocess.run(
+            decompress, stderr=subprocess.DEVNULL, check=False
+        ).returncode:
+            subprocess.run(
+                ["eu-elfcompress", "-q", "-t", "none", path], check=True
+            )  # objcopy refuses some
+    staging.rename(image)
+    return image
+
+
+def build_big(
+    work: pathlib.Path, plain: pathlib.Path, target: int = 1 << 30
+) -> pathlib.Path:
+    """Copies of plain, each debug file with a fresh build-id, up to ~target bytes."""
+    image = work / "big"
+    if (image / "usr/lib/debug").is_dir():
+        return image
+    staging = work / "big.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    files = sorted(
+        p
+        for p in (plain / "usr/lib/debug").rglob("*.debug")
+        if p.is_file() and not p.is_symlink()
+    )
+    total, copy = 0, 0
+    while total < target:
+        copy += 1
+        for src in files:
+            data = bytearray(src.read_bytes())
+            old = pd.read_build_id(src)
+            new = hashlib.sha1(f"{copy}:{old}".encode()).hexdigest()[: len(old)]
+            at = data.find(b"GNU\0" + bytes.fromhex(old), 0, MiB)
+            data[at + 4 : at + 4 + len(old) // 2] = bytes.fromhex(new)
+            dst = staging / f"usr/lib/debug/.build-id/{new[:2]}/{new[2:]}.debug"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(data)
+            total += len(data)
+            if total >= target:
+                break
+    staging.rename(image)
+    return image
+
+
+def build_small(work: pathlib.Path) -> pathlib.Path:
+    image = work / "small"
+    if not image.is_dir():
+        subprocess.run(["bash", HERE / "tests/estrip-image.sh", image], check=True)
+    return image
+
+
+def image_size(image: pathlib.Path) -> int:
+    return sum(
+        p.stat().st_size
+        for t in pd.DEBUG_TREES
+        for p in (image / t).rglob("*")
+        if p.is_file() and not p.is_symlink()
+    )
+
+
+# ---------------------------------------------------------------------------
+# contenders
+# ---------------------------------------------------------------------------
+
+
+def pack_argv(
+    image: pathlib.Path, out: pathlib.Path, jobs: int, *extra: str
+) -> list[str]:
+    return [
+        sys.executable,
+        str(PACKDEBUG),
+        "pack",
+        "--image",
+        str(image),
+        "--output",
+        str(out),
+        "-q",
+        "-j",
+        str(jobs),
+        *extra,
+    ]
+
+
+def portage_argv(image: pathlib.Path, out: pathlib.Path) -> list[str]:
+    return ["sh", "-c", f"cd {image} && tar -cJf - {trees(image)} > {out}"]
+
+
+def xz56_argv(image: pathlib.Path, out: pathlib.Path, threads: int) -> list[str]:
+    return [
+        "sh",
+        "-c",
+        f"cd {image} && tar -cf - {trees(image)} | xz -6 -T{threads} --block-size=24MiB > {out}",
+    ]
+
+
+def bench_pack(image: pathlib.Path, out: pathlib.Path, runs: int, cpus: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    contenders = {
+        "packdebug -j1": pack_argv(image, out / "pd-j1.tar.xz", 1),
+        f"packdebug -j{cpus}": pack_argv(image, out / f"pd-j{cpus}.tar.xz", cpus),
+        "portage tar -cJf": portage_argv(image, out / "portage.tar.xz"),
+        "xz -T1 --block-size=24MiB": xz56_argv(image, out / "xz-T1.tar.xz", 1),
+        f"xz -T{cpus} --block-size=24MiB": xz56_argv(
+            image, out / f"xz-T{cpus}.tar.xz", cpus
+        ),
+    }
+    results = {}
+    for name, argv in contenders.items():
+        print(f"bench: {image.name}: {name} ...", file=sys.stderr, flush=True)
+        result = repeat(argv, runs)
+        result.update(
+            tarball_facts(
+                pathlib.Path(argv[argv.index("--output") + 1])
+                if "--output" in argv
+                else pathlib.Path(argv[-1].rsplit("> ", 1)[1])
+            )
+        )
+        results[name] = result
+    return {"image": str(image), "bytes": image_size(image), "contenders": results}
+
+
+def bench_blocks(image: pathlib.Path, out: pathlib.Path, cpus: int) -> list[dict]:
+    """Compressed size and worst-case extraction cost per block size."""
+    rows = []
+    one = out / "one-block.tar.xz"
+    sh(f"cd {image} && tar -cf - {trees(image)} | xz -6 -T1 > {one}")
+    base = one.stat().st_size
+    reader = pd.XzReader(one)
+    rows.append(
+        {
+            "block_size": "one block",
+            "size": base,
+            "ratio": 1.0,
+            "worst_decompress": reader.size,
+        }
+    )
+    for size in ("1MiB", "2MiB", "4MiB", "8MiB", "16MiB", "24MiB"):
+        path = out / f"blocks-{size}.tar.xz"
+        print(f"bench: blocks {size} ...", file=sys.stderr, flush=True)
+        measure(pack_argv(image, path, cpus, "--block-size", size))
+        reader = pd.XzReader(path)
+        worst = max(b.uncompressed_size for b in reader.layout.blocks)
+        rows.append(
+            {
+                "block_size": size,
+                "size": path.stat().st_size,
+                "ratio": path.stat().st_size / base,
+                "worst_decompress": worst,
+                "blocks": len(reader.layout.blocks),
+            }
+        )
+    return rows
+
+
+def bench_small(image: pathlib.Path, out: pathlib.Path, runs: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "packdebug": repeat(pack_argv(image, out / "small-pd.tar.xz", 1), runs),
+        "portage tar -cJf": repeat(
+            portage_argv(image, out / "small-portage.tar.xz"), runs
+        ),
+        "python3 -c pass": repeat([sys.executable, "-c", "pass"], runs),
+    }
+
+
+def last_debug_member(tarball: pathlib.Path) -> tuple[str, str]:
+    archive = pd.Archive(tarball)
+    last = None
+    for info in archive.members():
+        if info.isreg():
+            last = info
+    build_id = archive.elf_info(last, sections=False).build_id
+    archive.close()
+    return last.name, build_id
+
+
+def bench_big(
+    big: pathlib.Path, small_pack: dict, out: pathlib.Path, runs: int, cpus: int
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    pd_tar, portage_tar = out / "big-pd.tar.xz", out / "big-portage.tar.xz"
+    print("bench: big: packdebug ...", file=sys.stderr, flush=True)
+    pack = repeat(pack_argv(big, pd_tar, cpus), 1)
+    if not portage_tar.exists():
+        print(
+            "bench: big: Portage's single-block tarball (single-threaded, slow) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        measure(portage_argv(big, portage_tar))
+    member, build_id = last_debug_member(pd_tar)
+    extracted = out / "extracted.debug"
+    extract = repeat(
+        [
+            sys.executable,
+            str(PACKDEBUG),
+            "extract",
+            str(pd_tar),
+            "--build-id",
+            build_id,
+            "-o",
+            str(extracted),
+        ],
+        max(runs, 5),
+    )
+    pipe_pd = repeat(
+        ["sh", "-c", f"xz -dc {pd_tar} | tar -xO {member} > {out}/x1"], runs
+    )
+    pipe_portage = repeat(
+        ["sh", "-c", f"xz -dc {portage_tar} | tar -xO ./{member} > {out}/x2"], runs
+    )
+    sh(f"cmp {extracted} {out}/x1 && cmp {extracted} {out}/x2")
+    readers = {
+        name: repeat([sys.executable, str(PACKDEBUG), *argv, str(pd_tar)], 1)
+        for name, argv in (("list", ["list"]), ("verify", ["verify"]))
+    }
+    readers["extract"] = extract
+    return {
+        "image_bytes": image_size(big),
+        "pack": pack,
+        "pack_small_image": small_pack,
+        "member": member,
+        "build_id": build_id,
+        "extract": extract,
+        "xz -dc | tar -xO (packdebug's)": pipe_pd,
+        "xz -dc | tar -xO (Portage's)": pipe_portage,
+        "readers": readers,
+        "tarball": tarball_facts(pd_tar),
+        "portage_tarball": tarball_facts(portage_tar),
+    }
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+
+
+def mib(n: float) -> str:
+    return f"{n / MiB:.1f} MiB"
+
+
+def report_pack(run: dict, cpus: int) -> list[str]:
+    c = run["contenders"]
+    pd1, pdn = c["packdebug -j1"], c[f"packdebug -j{cpus}"]
+    portage, xz1, xzn = (
+        c["portage tar -cJf"],
+        c["xz -T1 --block-size=24MiB"],
+        c[f"xz -T{cpus} --block-size=24MiB"],
+    )
+    lines = [
+        f"Input: `{run['image']}`, {mib(run['bytes'])} of files.",
+        "",
+        "| contender | wall (median) | output | size / xz -TN | peak RSS | blocks | seekable (0.192) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in c.items():
+        lines.append(
+            f"| {name} | {r['wall']:.2f} s | {mib(r['size'])} | {r['size'] / xzn['size']:.3f} | "
+            f"{r['rss_kib'] / 1024:.0f} MiB | {r['blocks']} | {'yes' if r['seekable'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "| ratio (packdebug / contender) | target | measured |",
+        "| --- | --- | --- |",
+    ]
+    lines += [
+        f"| wall, -j1 / xz -T1 | <= 1.0 | {pd1['wall'] / xz1['wall']:.2f} |",
+        f"| wall, -j{cpus} / xz -T{cpus} | <= 1.0 | {pdn['wall'] / xzn['wall']:.2f} |",
+        f"| wall, -j{cpus} / Portage (1 thread) | <= 0.6 | {pdn['wall'] / portage['wall']:.2f} |",
+        f"| size, -j{cpus} / xz -T{cpus} | <= 1.02 | {pdn['size'] / xzn['size']:.3f} |",
+        f"| peak RSS, -j1 - xz -T1 | <= +64 MiB | {(pd1['rss_kib'] - xz1['rss_kib']) / 1024:+.0f} MiB |",
+        f"| peak RSS, -j{cpus} - xz -T{cpus} | <= +64 MiB | {(pdn['rss_kib'] - xzn['rss_kib']) / 1024:+.0f} MiB |",
+    ]
+    return lines
+
+
+def report(results: dict) -> str:
+    cpus = results["cpus"]
+    out = [
+        (
+            f"Machine: {results['machine']}; {results['date']}; `{results['command']}`;"
+            f" median of {results['runs']} runs."
+        ),
+        "",
+    ]
+    for run in results["pack"]:
+        out += report_pack(run, cpus) + [""]
+    if results.get("blocks"):
+        out += [
+            "| block size | compressed | vs one block | worst-case decompression to extract one file |",
+            "| --- | --- | --- | --- |",
+        ]
+        for row in results["blocks"]:
+            out.append(
+                f"| {row['block_size']} | {mib(row['size'])} | {row['ratio']:.3f} | {mib(row['worst_decompress'])} |"
+            )
+        out.append("")
+    small = results.get("small")
+    if small:
+        out += [
+            "| one-binary image | wall (median) | peak RSS |",
+            "| --- | --- | --- |",
+        ]
+        out += [
+            f"| {name} | {r['wall'] * 1000:.0f} ms | {r['rss_kib'] / 1024:.0f} MiB |"
+            for name, r in small.items()
+        ]
+        out.append("")
+    big = results.get("big")
+    if big:
+        ext, p1, p2 = (
+            big["extract"],
+            big["xz -dc | tar -xO (packdebug's)"],
+            big["xz -dc | tar -xO (Portage's)"],
+        )
+        small_rss = big["pack_small_image"]["rss_kib"]
+        out += [
+            f"Big image: {mib(big['image_bytes'])}; last debug file `{big['member']}`.",
+            "",
+            "| measure | target | measured |",
+            "| --- | --- | --- |",
+            (
+                f"| pack peak RSS, ~1 GiB / ~50 MiB image | within 10% | {big['pack']['rss_kib'] / 1024:.0f} / "
+                f"{small_rss / 1024:.0f} MiB = {big['pack']['rss_kib'] / small_rss:.2f} |"
+            ),
+            (
+                f"| extract by build-id vs xz -dc \\| tar -xO, packdebug's tarball | >= 50x faster | "
+                f"{ext['wall']:.3f} s vs {p1['wall']:.1f} s = {p1['wall'] / ext['wall']:.0f}x |"
+            ),
+            (
+                f"| same, vs Portage's single-block tarball | >= 50x faster | "
+                f"{ext['wall']:.3f} s vs {p2['wall']:.1f} s = {p2['wall'] / ext['wall']:.0f}x |"
+            ),
+        ]
+        out += [
+            f"| peak RSS of {name} | bounded | {r['rss_kib'] / 1024:.0f} MiB ({r['wall']:.1f} s) |"
+            for name, r in big["readers"].items()
+        ]
+        out.append("")
+    return "\n".join(out)
+
+
+def xz_version() -> str:
+    return subprocess.run(
+        ["xz", "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()[3]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--work", default="/var/tmp/packdebug-bench", help="inputs and outputs (cached)"
+    )
+    parser.add_argument(
+        "--image",
+        action="append",
+        help="bench this image directory instead of dbg and plain",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs per measurement (median)"
+    )
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=("blocks", "small", "big")
+    )
+    args = parser.parse_args()
+    work = pathlib.Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cpus = pd.available_cpus()
+    if args.image:
+        images = [pathlib.Path(i).resolve() for i in args.image]
+    else:
+        dbg = build_dbg(work)
+        images = [dbg, build_plain(work, dbg)]
+    results = {
+        "machine": f"{platform.node()}, {cpus} CPUs, {platform.machine()}, Python {platform.python_version()}, "
+        f"{xz_version()} xz",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "make bench",
+        "runs": args.runs,
+        "cpus": cpus,
+    }
+    results["pack"] = [
+        bench_pack(image, work / "out" / image.name, args.runs, cpus)
+        for image in images
+    ]
+    if "blocks" not in args.skip:
+        results["blocks"] = bench_blocks(images[-1], work / "out", cpus)
+    if "small" not in args.skip:
+        results["small"] = bench_small(
+            build_small(work), work / "out", max(args.runs, 20)
+        )
+    if "big" not in args.skip and not args.image:
+        small_pack = results["pack"][0]["contenders"][f"packdebug -j{cpus}"]
+        results["big"] = bench_big(
+            build_big(work, images[-1]), small_pack, work / "out", args.runs, cpus
+        )
+    text = report(results)
+    print(text)
+    (HERE / "bench-results").mkdir(exist_ok=True)
+    (HERE / "bench-results/results.json").write_text(
+        json.dumps(results, indent=2) + "\n"
+    )
+    (HERE / "bench-results/report.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
