@@ -48,8 +48,9 @@ demo: deps
 	$(PYTHON) packdebug.py pack --image "$$work/image" --category app-misc --pn hello \
 		--pf hello-1.0 --build-id 1 -v; \
 	tarball="$$work/image/usr/lib/debug/.tarball/app-misc/hello/hello-1.0-1-debug.tar.xz"; \
-	echo "== xz -lvv (blocks)"; xz -lvv "$$tarball" | sed -n '/^  Blocks:$$/,/^  Memory/p'; \
-	echo "== tar -tvJf"; tar -tvJf "$$tarball"
+	echo "== packdebug list"; $(PYTHON) packdebug.py list "$$tarball"; \
+	echo "== packdebug verify"; $(PYTHON) packdebug.py verify "$$tarball"; \
+	echo "== xz -lvv (blocks)"; xz -lvv "$$tarball" | sed -n '/^  Blocks:$$/,/^  Memory/p'
 
 # Long measurements, side by side with Portage's command and xz (see bench/bench.py).
 bench: deps

@@ -15,9 +15,17 @@ Usage (see --help of each command):
 
     packdebug pack [--image D] [--category C --pn PN --pf PF --build-id N]
     packdebug buildid FILE...
+    packdebug list TARBALL [--json]
+    packdebug verify TARBALL...
+    packdebug extract TARBALL (--build-id ID | --member PATH) [-o FILE|-]
+    packdebug extract TARBALL --all -C DIR
+    packdebug find BUILDID [ROOT]
+    packdebug repack (TARBALL... | --root DIR) [--force] [--dry-run]
+    packdebug prune --pkgdir DIR [--root DIR] [--vardb DIR] [--dry-run]
     packdebug settings [--format make.conf|shell|json] [--dedup] [--bashrc]
+    packdebug settings --debuginfod [--listen ADDR:PORT]
 
-From /etc/portage/bashrc (print a ready snippet with `packdebug settings --bashrc`):
+From /etc/portage/bashrc (print a ready hook with `packdebug settings --bashrc`):
 
     pre_pkg_preinst() { packdebug pack -q || die "packdebug failed"; }
 
@@ -35,7 +43,6 @@ import dataclasses
 import errno
 import functools
 import io
-import json
 import lzma
 import os
 import re
@@ -48,7 +55,6 @@ import tarfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import BinaryIO
 
 __version__ = "0.1.0"
 
@@ -70,7 +76,7 @@ MiB = 1 << 20
 
 
 # ---------------------------------------------------------------------------
-# Errors
+# Errors and messages
 # ---------------------------------------------------------------------------
 
 
@@ -132,6 +138,13 @@ class Log:
 
     def warning(self, message: str) -> None:
         print(f"packdebug: warning: {message}", file=self.err, flush=True)
+
+
+def to_json(document: object) -> str:
+    """JSON for --json and --format json; json is imported only then."""
+    import json
+
+    return json.dumps(document, indent=2) + "\n"
 
 
 def format_size(n: float) -> str:
@@ -549,7 +562,7 @@ def block_filters(preset: int, size: int) -> list[dict]:
 
 def compress_block(
     data: bytes, preset: int = 6, check: int = CHECK_CRC64
-) -> tuple[bytes, IndexRecord]:
+) -> tuple[memoryview, IndexRecord]:
     """Compress `data` into one xz Block (header, data, padding, check).
 
     The stdlib cannot write a bare Block, so liblzma writes a one-Block
@@ -567,7 +580,7 @@ def compress_block(
     (record,) = parse_index(
         stream[-STREAM_FOOTER_SIZE - index_size : -STREAM_FOOTER_SIZE]
     )
-    block = stream[STREAM_HEADER_SIZE : -STREAM_FOOTER_SIZE - index_size]
+    block = memoryview(stream)[STREAM_HEADER_SIZE : -STREAM_FOOTER_SIZE - index_size]
     assert len(block) == _round_up(
         record.unpadded_size
     ) and record.uncompressed_size == len(data)
@@ -577,7 +590,7 @@ def compress_block(
 class XzStreamWriter:
     """Writes exactly one xz Stream, Block by Block, with no Stream Padding."""
 
-    def __init__(self, fileobj: BinaryIO, check: int = CHECK_CRC64) -> None:
+    def __init__(self, fileobj: io.BufferedIOBase, check: int = CHECK_CRC64) -> None:
         self.fileobj, self.check = fileobj, check
         self.records: list[IndexRecord] = []
         self.size = self._write(create_stream_header(check))
@@ -586,7 +599,7 @@ class XzStreamWriter:
         self.fileobj.write(data)
         return len(data)
 
-    def write_block(self, block: bytes, record: IndexRecord) -> None:
+    def write_block(self, block: bytes | memoryview, record: IndexRecord) -> None:
         self.records.append(record)
         self.size += self._write(block)
 
@@ -1158,8 +1171,8 @@ def tar_blocks(
         padded = _round_up(size, tarfile.BLOCKSIZE)
         large = size >= large_member or len(header) + padded > block_size
         if block and (large or len(block) + len(header) + padded > block_size):
-            yield bytes(block)
-            block.clear()
+            yield block
+            block = bytearray()
         for piece in (header, *((data(),) if size else ()), bytes(padded - size)):
             for chunk in (piece,) if isinstance(piece, bytes) else piece:
                 view = memoryview(chunk)
@@ -1168,14 +1181,14 @@ def tar_blocks(
                     block += view[:take]
                     view = view[take:]
                     if len(block) == block_size:
-                        yield bytes(block)
-                        block.clear()
+                        yield block
+                        block = bytearray()
         offset += len(header) + padded
         if large and block:
-            yield bytes(block)
-            block.clear()
+            yield block
+            block = bytearray()
     if block:
-        yield bytes(block)
+        yield block
     end = bytes(2 * tarfile.BLOCKSIZE)
     yield end + bytes(-(offset + len(end)) % RECORD_SIZE)
 
@@ -1208,9 +1221,12 @@ def compress_blocks(
 ) -> Iterator[tuple[bytes, IndexRecord, int]]:
     """Compress Blocks on `jobs` threads; yield (Block, record, input size) in order.
 
-    At most jobs + 1 payloads are in flight, so memory stays bounded by
-    about jobs x (encoder + 2 Blocks), whatever the size of the image.
+    At most 2 x jobs payloads are in flight (2 with one job), so memory
+    stays bounded by about jobs x (encoder + 2 Blocks), whatever the size
+    of the image, while a worker that finishes a small Block early finds
+    the next one queued instead of waiting for the oldest to be written.
     """
+    limit = 2 if jobs == 1 else 2 * jobs
     pool = concurrent.futures.ThreadPoolExecutor(
         max_workers=jobs, thread_name_prefix="packdebug-xz"
     )
@@ -1218,7 +1234,7 @@ def compress_blocks(
     try:
         for payload in payloads:
             pending.append((pool.submit(compress_block, payload, preset), len(payload)))
-            while len(pending) > jobs:
+            while len(pending) >= limit:
                 future, size = pending.pop(0)
                 yield (*future.result(), size)
         for future, size in pending:
@@ -1251,7 +1267,7 @@ def _remove_dirs(created: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_output(path: str, mode: int = 0o644) -> Iterator[io.BufferedIOBase]:
     """A file that appears at `path` complete and fsynced, or not at all.
 
     The data goes to a hidden ".NAME.XXXXXXXX.tmp" beside `path` (never
@@ -2156,7 +2172,9 @@ def _problems_check(name: str, problems: list[str], fine: str) -> Check:
     return Check(name, False, "; ".join(problems[:5]) + more)
 
 
-def copy_member(archive: Archive, info: tarfile.TarInfo, out: BinaryIO) -> None:
+def copy_member(
+    archive: Archive, info: tarfile.TarInfo, out: io.BufferedIOBase
+) -> None:
     """Copy a member's data, verifying the checks of every Block it spans.
 
     Reads from the member's header on, so the Blocks holding the header and
@@ -2313,57 +2331,68 @@ def repack_archive(
     data byte for byte.  An archive already canonical is left alone unless
     `force`.
     """
-    verification = verify_archive(path)
-    if not verification.passed("xz", "tar"):
-        failed = "; ".join(
-            c.detail
-            for c in verification.checks
-            if c.name in ("xz", "tar") and not c.ok
-        )
-        raise ArchiveError(f"{path}: fails verification, left untouched: {failed}")
-    unsafe = [
-        i.name
-        for i in verification.members
-        if {"absolute path", "'..' component"} & set(name_problems(i.name))
-    ]
-    if unsafe:
-        raise ArchiveError(
-            f"{path}: member {unsafe[0]!r} escapes the archive root, left untouched"
-        )
+    verification = _repackable(path)
     pairs = canonical_headers(verification.members, source_date_epoch)
-    sources = _data_sources(pairs, verification.members)
     result = RepackResult(
         path, repack_reasons(verification, pairs), os.path.getsize(path)
     )
     with contextlib.ExitStack() as stack:
         archive = Archive(path)
         stack.callback(archive.close)
-        big = (
-            max((b.uncompressed_size for b in archive.reader.layout.blocks), default=0)
-            > RANDOM_ACCESS_BLOCK
-        )
-        read = _spool(archive, stack) if big else archive.data
-        entries = [
-            (
-                new,
-                functools.partial(read, sources[new.name])
-                if new.name in sources
-                else tuple,
-            )
-            for new, _ in pairs
-        ]
-        if not result.reasons and _same_blocks(
-            archive, tar_blocks(entries, options.block_size, options.large_member)
-        ):
-            if not force:
+        entries = _canonical_entries(archive, pairs, verification.members, stack)
+
+        def payloads() -> Iterator[bytes]:
+            return tar_blocks(entries, options.block_size, options.large_member)
+
+        if not result.reasons:
+            same = _same_blocks(archive, payloads())
+            if same and not force:
                 return result
-            result.reasons.append("--force")
-        elif not result.reasons:
-            result.reasons.append("xz blocks are not in packdebug's layout")
+            result.reasons.append(
+                "--force" if same else "xz blocks are not in packdebug's layout"
+            )
         if not dry_run:
-            payloads = tar_blocks(entries, options.block_size, options.large_member)
-            result.new_size = write_blocks(payloads, path, options, progress).size
+            result.new_size = write_blocks(payloads(), path, options, progress).size
     return result
+
+
+def _repackable(path: str) -> Verification:
+    """verify's result, if the archive is sound enough to be rewritten."""
+    verification = verify_archive(path)
+    failed = [
+        c.detail for c in verification.checks if c.name in ("xz", "tar") and not c.ok
+    ]
+    if failed:
+        raise ArchiveError(
+            f"{path}: fails verification, left untouched: {'; '.join(failed)}"
+        )
+    for info in verification.members:
+        if {"absolute path", "'..' component"} & set(name_problems(info.name)):
+            raise ArchiveError(
+                f"{path}: member {info.name!r} escapes the archive root, left untouched"
+            )
+    return verification
+
+
+def _canonical_entries(
+    archive: Archive, pairs, members, stack: contextlib.ExitStack
+) -> list:
+    """(header, data) entries for tar_blocks, reading the data from the archive."""
+    sources = _data_sources(pairs, members)
+    big = (
+        max((b.uncompressed_size for b in archive.reader.layout.blocks), default=0)
+        > RANDOM_ACCESS_BLOCK
+    )
+    read = _spool(archive, stack) if big else archive.data
+    return [
+        (
+            new,
+            functools.partial(read, sources[new.name])
+            if new.name in sources
+            else tuple,
+        )
+        for new, _ in pairs
+    ]
 
 
 def _same_blocks(archive: Archive, payloads: Iterable[bytes]) -> bool:
@@ -2911,7 +2940,7 @@ def format_debuginfod(setup: DebuginfodSetup, fmt: str) -> str:
             "client": {"DEBUGINFOD_URLS": setup.client_url()},
             "notes": setup.notes(),
         }
-        return json.dumps(document, indent=2) + "\n"
+        return to_json(document)
     groups, current = [], []
     for arg in argv:  # one line per -Z EXT DIR
         if arg == "-Z" and current:
@@ -2942,9 +2971,7 @@ def format_settings(settings: Sequence[Setting], fmt: str) -> str:
     """Render settings as make.conf lines, bashrc `export`s, or JSON."""
     if fmt == "json":
         rows = [dataclasses.asdict(s) for s in settings]
-        return (
-            json.dumps({"portage": PORTAGE_CHECKED, "settings": rows}, indent=2) + "\n"
-        )
+        return to_json({"portage": PORTAGE_CHECKED, "settings": rows})
     lines = [
         f"# Settings for packdebug tarballs (checked against Portage {PORTAGE_CHECKED})."
     ]
@@ -3166,7 +3193,14 @@ def _check_build_ids(scan: ImageScan, strict: bool, log: Log) -> None:
 
 
 def _pack_options(args: argparse.Namespace) -> PackOptions:
-    return PackOptions(preset=args.preset, jobs=args.jobs, block_size=args.block_size)
+    return PackOptions(
+        args.preset, args.jobs, args.block_size or default_block_size(args.preset)
+    )
+
+
+def default_block_size(preset: int) -> int:
+    """8 MiB, or the preset's dictionary if larger: -7 to -9 gain nothing otherwise."""
+    return max(BLOCK_SIZE, PRESET_DICT_SIZE[preset])
 
 
 def _pack_dry_run(
@@ -3265,11 +3299,7 @@ def cmd_settings(args: argparse.Namespace, log: Log) -> int:
         return 0
     if args.bashrc:
         snippet = bashrc_snippet(args.dedup)
-        text = (
-            json.dumps({"bashrc": snippet}, indent=2) + "\n"
-            if args.format == "json"
-            else snippet
-        )
+        text = to_json({"bashrc": snippet}) if args.format == "json" else snippet
     else:
         text = format_settings(portage_settings(args.dedup), args.format)
     log.out.write(text)
@@ -3305,9 +3335,7 @@ def cmd_list(args: argparse.Namespace, log: Log) -> int:
                 f"{row.kind:<10} {row.size:>11} {row.build_id or '-':<40} {row.name}{link}"
             )
         if args.json:
-            log.out.write(
-                json.dumps({"tarball": archive.path, "members": rows}, indent=2) + "\n"
-            )
+            log.out.write(to_json({"tarball": archive.path, "members": rows}))
     finally:
         archive.close()
     return 0
@@ -3526,7 +3554,7 @@ def cmd_prune(args: argparse.Namespace, log: Log) -> int:
             "unrecognised": plan.unrecognised,
             "freed": freed,
         }
-        log.out.write(json.dumps(document, indent=2) + "\n")
+        log.out.write(to_json(document))
         return 0
     verb = "would remove" if args.dry_run else "removed"
     for d in removed:
@@ -3727,9 +3755,8 @@ def _add_compression(p: argparse.ArgumentParser) -> None:
     packing.add_argument(
         "--block-size",
         type=parse_size,
-        default=BLOCK_SIZE,
         metavar="SIZE",
-        help=f"largest uncompressed xz block (default: {BLOCK_SIZE // MiB}MiB)",
+        help=f"largest uncompressed xz block (default: {BLOCK_SIZE // MiB}MiB; -7 to -9: their dictionary size)",
     )
     p.set_defaults(preset=6)
 

@@ -715,6 +715,68 @@ def test_same_image_packs_byte_identical_whatever_jobs_order_umask_locale_owner(
     assert pack(first).read_bytes() == before
 
 
+def test_presets_change_compression_but_not_content(image, tmp_path):
+    outputs = {}
+    for flag in ("-0", "-9", "--preset=6"):
+        out = tmp_path / f"{flag.strip('-=')}.tar.xz"
+        cli("pack", "--image", image, "--output", out, flag)
+        run("xz", "-t", out)
+        outputs[flag] = out.read_bytes()
+    assert outputs["-0"] != outputs["--preset=6"]
+    assert len({lzma.decompress(data) for data in outputs.values()}) == 1
+    assert outputs["--preset=6"] == pack(image).read_bytes()
+    # A block no larger than 8 MiB gets a dictionary no larger than itself,
+    # so -9 can only differ from -6 on a larger image: its blocks grow to 64 MiB.
+    assert (
+        pd.default_block_size(9) == 64 << 20
+        and pd.default_block_size(6) == pd.BLOCK_SIZE
+    )
+
+
+def test_progress_line_only_on_a_terminal(image, tmp_path):
+    import pty
+
+    (image / "usr/lib/debug/usr/lib/blob").write_bytes(
+        random.Random(6).getrandbits(8 * (16 << 20)).to_bytes(16 << 20, "little")
+    )
+    main, child = pty.openpty()
+    command = [
+        sys.executable,
+        SCRIPT,
+        "pack",
+        "--image",
+        image,
+        "--output",
+        tmp_path / "a.tar.xz",
+        "-j1",
+        "--block-size",
+        "512KiB",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    with subprocess.Popen(
+        [str(c) for c in command], stderr=child, stdout=subprocess.DEVNULL, env=env
+    ) as proc:
+        os.close(child)
+        seen = b""
+        with contextlib.suppress(OSError):  # EIO once the child has closed the pty
+            while chunk := os.read(main, 4096):
+                seen += chunk
+        proc.wait(timeout=120)
+    os.close(main)
+    assert re.search(rb"\r +\d+%  .* read, .* written, .*/s, ETA \d+:\d\d", seen), seen
+    piped = cli(
+        "pack",
+        "--image",
+        image,
+        "--output",
+        tmp_path / "b.tar.xz",
+        "-j1",
+        "--block-size",
+        "512KiB",
+    )
+    assert "ETA" not in piped.stderr and "\r" not in piped.stderr
+
+
 def test_source_date_epoch_clamps_every_mtime(image):
     tarball = pack(image, env={"SOURCE_DATE_EPOCH": "1000000000"})
     with tarfile.open(tarball) as tar:
