@@ -11,7 +11,8 @@ PYTEST_ARGS ?= -q
 # Debian packages the demo and the tests use, with a command each provides.
 DEB_TOOLS := gcc:gcc objcopy:binutils debugedit:debugedit xz:xz-utils bsdtar:libarchive-tools \
 	debuginfod:debuginfod eu-readelf:elfutils i686-linux-gnu-gcc:gcc-i686-linux-gnu \
-	powerpc-linux-gnu-gcc:gcc-powerpc-linux-gnu s390x-linux-gnu-gcc:gcc-s390x-linux-gnu time:time
+	powerpc-linux-gnu-gcc:gcc-powerpc-linux-gnu s390x-linux-gnu-gcc:gcc-s390x-linux-gnu time:time \
+	systemd-analyze:systemd
 DEB_EXTRA := libc6-dev libc6-dev-i386-cross libc6-dev-powerpc-cross libc6-dev-s390x-cross \
 	python3-venv curl time
 

@@ -1216,6 +1216,29 @@ def _file_data(image: bytes, member: Member) -> Iterator[bytes]:
             raise PackError(f"{name}: grew while packing; pack again")
 
 
+M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+LARGE_PAYLOAD = 4 * MiB
+
+
+def _mmap_large_buffers() -> bool:
+    """Have glibc mmap every buffer from 1 MiB up, so that freed ones go back at once.
+
+    glibc's mmap threshold grows with each large buffer freed; after that,
+    the Blocks' buffers and encoders come from the heap, fragment it, and
+    peak memory creeps up with the number of Blocks (bench: 270 MiB packing
+    1 GiB against 232 MiB packing 50 MiB; 250 MiB with this).  Called only
+    once a large Block shows up, so that small packs do not import ctypes;
+    elsewhere than glibc it does nothing.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MiB)
+    except (OSError, AttributeError):
+        pass
+    return True
+
+
 def compress_blocks(
     payloads: Iterable[bytes], preset: int, jobs: int
 ) -> Iterator[tuple[bytes, IndexRecord, int]]:
@@ -1231,8 +1254,11 @@ def compress_blocks(
         max_workers=jobs, thread_name_prefix="packdebug-xz"
     )
     pending: list[tuple[concurrent.futures.Future, int]] = []
+    tuned = False
     try:
         for payload in payloads:
+            if not tuned and len(payload) >= LARGE_PAYLOAD:
+                tuned = _mmap_large_buffers()
             pending.append((pool.submit(compress_block, payload, preset), len(payload)))
             while len(pending) >= limit:
                 future, size = pending.pop(0)
@@ -1604,16 +1630,19 @@ class Archive:
         other archive is searched header by header.
         """
         wanted = normalize_name(name)
-        start = (
-            self._block_holding(canonical_key(wanted))
-            if self._is_packdebug_layout()
-            else 0
-        )
-        if start is not None:
-            for info in self.members(start):
-                if normalize_name(info.name) == wanted:
-                    return info
-        return None if start == 0 else self.locate_by_walking(wanted)
+        key = canonical_key(wanted)
+        start = self._block_holding(key) if self._is_packdebug_layout() else None
+        if start is None:
+            return self.locate_by_walking(wanted)
+        previous = None
+        for info in self.members(start):
+            current = canonical_key(info.name)
+            if previous is not None and current < previous:
+                return self.locate_by_walking(wanted)  # not sorted after all
+            if current >= key:
+                return info if current == key else None  # sorted: passed it
+            previous = current
+        return None
 
     def locate_by_walking(self, name: str) -> tarfile.TarInfo | None:
         wanted = normalize_name(name)
@@ -2528,7 +2557,10 @@ def scan_tarballs(root: str) -> tuple[list[DebugTarball], list[str]]:
             if name.startswith("."):
                 continue
             path = os.path.normpath(os.path.join(rel, name))
-            st = os.lstat(os.path.join(dirpath, name))
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue  # removed meanwhile, by another prune
             parsed = parse_tarball_name(*rel.split("/"), name) if depth == 2 else None
             if parsed is None or not stat.S_ISREG(st.st_mode):
                 unrecognised.append(path)
@@ -2637,6 +2669,8 @@ def execute_prune(root: str, plan: PrunePlan, log: Log) -> list[PruneDecision]:
             *dirs, name = t.path.split("/")
             try:
                 fd = _open_beneath(root_fd, dirs)
+            except FileNotFoundError:
+                continue  # another prune removed it and its directory
             except OSError as e:
                 log.warning(
                     f"{os.path.join(root, t.path)}: kept, cannot reach it without following a link ({e.strerror})"

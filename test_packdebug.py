@@ -1596,6 +1596,15 @@ def test_locate_reads_only_block_starts_in_packdebug_layout(image, tmp_path):
     fresh = pd.Archive(tarball)
     fresh.locate(names[-1])
     assert fresh.reader.decoded < pd.BLOCK_SIZE
+    for missing in (
+        "usr/lib/debug/.build-id/00/0000.debug",
+        "usr/lib/debug/usr/lib/big1.so.debug.x",
+        "zzz",
+    ):
+        fresh = pd.Archive(tarball)
+        assert fresh.locate(missing) is None
+        assert fresh.reader.decoded < 1 << 20, (missing, fresh.reader.decoded)
+    assert pd.Archive(tarball).locate_by_walking("zzz") is None  # the slow way agrees
 
 
 # ---------------------------------------------------------------------------
@@ -2243,11 +2252,33 @@ def test_debuginfod_settings_follow_the_version(tmp_path):
         and "-Z" in data["argv"]
         and data["client"]["DEBUGINFOD_URLS"]
     )
-    if shutil.which("systemd-analyze"):
-        unit = tmp_path / "debuginfod.service"
-        unit.write_text(data["unit"])
-        result = run("systemd-analyze", "verify", unit, check=False, text=True)
-        assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_debuginfod_unit_passes_systemd_analyze_verify(tmp_path):
+    need("systemd-analyze")
+    root, pkgdir = tmp_path / "tarballs", tmp_path / "binpkgs"
+    root.mkdir()
+    pkgdir.mkdir()
+    data = json.loads(
+        cli(
+            "settings",
+            "--debuginfod",
+            "--format",
+            "json",
+            "--root",
+            root,
+            "--pkgdir",
+            pkgdir,
+        ).stdout
+    )
+    unit = tmp_path / "debuginfod.service"
+    unit.write_text(data["unit"])
+    result = run("systemd-analyze", "verify", unit, check=False, text=True)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    assert (
+        f"BindReadOnlyPaths=-/usr/src/debug /usr/bin -/usr/lib64 /usr/lib -/bin {root} {pkgdir}"
+        in data["unit"]
+    )
 
 
 def test_printed_debuginfod_command_serves_tarballs_and_binpkg_executables(
