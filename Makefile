@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PREFIX ?= /usr/local
 DESTDIR ?=
-PYTEST_ARGS ?= -q
+PYTEST_ARGS ?= -q -W error::pytest.PytestUnraisableExceptionWarning
 
 # Debian packages the demo and the tests use, with a command each provides.
 DEB_TOOLS := gcc:gcc objcopy:binutils debugedit:debugedit xz:xz-utils bsdtar:libarchive-tools \
@@ -65,8 +65,8 @@ uninstall:
 
 lint: $(VENV)/bin/pytest
 	$(VENV)/bin/pip install -q ruff vermin
-	$(VENV)/bin/ruff check packdebug.py test_packdebug.py
-	$(VENV)/bin/ruff format --check packdebug.py test_packdebug.py
+	$(VENV)/bin/ruff check packdebug.py test_packdebug.py bench/bench.py
+	$(VENV)/bin/ruff format --check packdebug.py test_packdebug.py bench/bench.py
 	$(VENV)/bin/vermin -t=3.9- --no-tips --violations packdebug.py
 
 clean:

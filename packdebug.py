@@ -816,6 +816,7 @@ class XzReader(io.RawIOBase):
 
     def __init__(self, path, *, sequential: bool = False) -> None:
         super().__init__()
+        self._fd = -1  # close() may run for a half-made reader (IOBase.__del__)
         self.name = os.fsdecode(path)
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -826,6 +827,7 @@ class XzReader(io.RawIOBase):
             self.layout = read_xz_layout(self._fd, self.file_size, self.name)
         except BaseException:
             os.close(self._fd)
+            self._fd = -1
             raise
         self.size = self.layout.uncompressed_size
         self.sequential = sequential
@@ -836,8 +838,9 @@ class XzReader(io.RawIOBase):
         self._decoder: BlockDecoder | None = None
 
     def close(self) -> None:
-        if not self.closed:
+        if self._fd >= 0:
             os.close(self._fd)
+            self._fd = -1
         super().close()
 
     def readable(self) -> bool:
