@@ -2216,6 +2216,10 @@ def server_command(text: str) -> str:
     return lines.replace(" \\\n    ", " ")
 
 
+def debuginfod_json(*args) -> dict:
+    return json.loads(cli("settings", "--debuginfod", "--format", "json", *args).stdout)
+
+
 def test_debuginfod_settings_follow_the_version(tmp_path):
     new = cli(
         "settings",
@@ -2237,16 +2241,7 @@ def test_debuginfod_settings_follow_the_version(tmp_path):
     )
     assert 'DEBUGINFOD_URLS="http://127.0.0.1:9000"' in new
     assert "-Z .tar.xz /usr/lib/debug/.tarball" in server_command(new)
-    data = json.loads(
-        cli(
-            "settings",
-            "--debuginfod",
-            "--format",
-            "json",
-            "--debuginfod-version",
-            "0.192",
-        ).stdout
-    )
+    data = debuginfod_json("--debuginfod-version", "0.192")
     assert (
         data["argv"][0] == "debuginfod"
         and "-Z" in data["argv"]
@@ -2259,18 +2254,7 @@ def test_debuginfod_unit_passes_systemd_analyze_verify(tmp_path):
     root, pkgdir = tmp_path / "tarballs", tmp_path / "binpkgs"
     root.mkdir()
     pkgdir.mkdir()
-    data = json.loads(
-        cli(
-            "settings",
-            "--debuginfod",
-            "--format",
-            "json",
-            "--root",
-            root,
-            "--pkgdir",
-            pkgdir,
-        ).stdout
-    )
+    data = debuginfod_json("--root", root, "--pkgdir", pkgdir)
     unit = tmp_path / "debuginfod.service"
     unit.write_text(data["unit"])
     result = run("systemd-analyze", "verify", unit, check=False, text=True)

@@ -102,102 +102,106 @@ def tarball_facts(path: pathlib.Path) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def build_dbg(work: pathlib.Path) -> pathlib.Path:
-    image = work / "dbg"
-    if (image / "usr/lib/debug").is_dir():
-        return image
-    debs = work / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["apt-get", "download", *DEBS], cwd=debs, check=False).returncode:
-        sh("apt-get update -q", stdout=subprocess.DEVNULL)
-        subprocess.run(["apt-get", "download", *DEBS], cwd=debs, check=True)
-    staging = work / "dbg.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    for deb in sorted(debs.glob("*.deb")):
-        subprocess.run(["dpkg", "-x", deb, staging], check=True)
-    (image / "usr/lib").mkdir(parents=True)
-    (staging / "usr/lib/debug").rename(image / "usr/lib/debug")
-    shutil.rmtree(staging)
+def cached(work: pathlib.Path, name: str, build) -> pathlib.Path:
+    """work/name, built once by build(staging directory), then renamed into place."""
+    image = work / name
+    if not (image / "usr/lib/debug").is_dir():
+        staging = work / f"{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        build(staging)
+        staging.rename(image)
     return image
+
+
+def build_dbg(work: pathlib.Path) -> pathlib.Path:
+    def build(staging: pathlib.Path) -> None:
+        debs = work / "debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(
+            ["apt-get", "download", *DEBS], cwd=debs, check=False
+        ).returncode:
+            sh("apt-get update -q", stdout=subprocess.DEVNULL)
+            subprocess.run(["apt-get", "download", *DEBS], cwd=debs, check=True)
+        extracted = work / "debs.x"
+        shutil.rmtree(extracted, ignore_errors=True)
+        for deb in sorted(debs.glob("*.deb")):
+            subprocess.run(["dpkg", "-x", deb, extracted], check=True)
+        (staging / "usr/lib").mkdir(parents=True)
+        (extracted / "usr/lib/debug").rename(
+            staging / "usr/lib/debug"
+        )  # only the debug info
+        shutil.rmtree(extracted)
+
+    return cached(work, "dbg", build)
 
 
 def build_plain(work: pathlib.Path, dbg: pathlib.Path) -> pathlib.Path:
-    image = work / "plain"
-    if (image / "usr/lib/debug").is_dir():
-        return image
-    staging = work / "plain.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    sh(f"cp -a {dbg} {staging}")
-    for path in sorted(staging.rglob("*")):
-        if (
-            not path.is_file()
-            or path.is_symlink()
-            or path.read_bytes()[:4] != b"\x7fELF"
-        ):
-            continue
-        decompress = ["objcopy", "--decompress-debug-sections", path]
-        if subprocess.run(
-            decompress, stderr=subprocess.DEVNULL, check=False
-        ).returncode:
-            subprocess.run(
-                ["eu-elfcompress", "-q", "-t", "none", path], check=True
-            )  # objcopy refuses some
-    staging.rename(image)
-    return image
+    def build(staging: pathlib.Path) -> None:
+        sh(f"cp -a {dbg} {staging}")
+        for path in sorted(staging.rglob("*")):
+            if (
+                not path.is_file()
+                or path.is_symlink()
+                or path.read_bytes()[:4] != b"\x7fELF"
+            ):
+                continue
+            decompress = ["objcopy", "--decompress-debug-sections", path]
+            if subprocess.run(
+                decompress, stderr=subprocess.DEVNULL, check=False
+            ).returncode:
+                subprocess.run(
+                    ["eu-elfcompress", "-q", "-t", "none", path], check=True
+                )  # objcopy refuses some
+
+    return cached(work, "plain", build)
 
 
 def build_big(
     work: pathlib.Path, plain: pathlib.Path, target: int = 1 << 30
 ) -> pathlib.Path:
     """Copies of plain, each debug file with a fresh build-id, up to ~target bytes."""
-    image = work / "big"
-    if (image / "usr/lib/debug").is_dir():
-        return image
-    staging = work / "big.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    files = sorted(
-        p
-        for p in (plain / "usr/lib/debug").rglob("*.debug")
-        if p.is_file() and not p.is_symlink()
-    )
-    total, copy = 0, 0
-    while total < target:
-        copy += 1
-        for src in files:
-            data = bytearray(src.read_bytes())
-            old = pd.read_build_id(src)
-            new = hashlib.sha1(f"{copy}:{old}".encode()).hexdigest()[: len(old)]
-            at = data.find(b"GNU\0" + bytes.fromhex(old), 0, MiB)
-            data[at + 4 : at + 4 + len(old) // 2] = bytes.fromhex(new)
-            dst = staging / f"usr/lib/debug/.build-id/{new[:2]}/{new[2:]}.debug"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(data)
-            total += len(data)
-            if total >= target:
-                break
-    staging.rename(image)
-    return image
+
+    def build(staging: pathlib.Path) -> None:
+        files = sorted(
+            p
+            for p in (plain / "usr/lib/debug").rglob("*.debug")
+            if p.is_file() and not p.is_symlink()
+        )
+        total, copy = 0, 0
+        while total < target:
+            copy += 1
+            for src in files:
+                data = bytearray(src.read_bytes())
+                old = pd.read_build_id(src)
+                new = hashlib.sha1(f"{copy}:{old}".encode()).hexdigest()[: len(old)]
+                at = data.find(b"GNU\0" + bytes.fromhex(old), 0, MiB)
+                data[at + 4 : at + 4 + len(old) // 2] = bytes.fromhex(new)
+                dst = staging / f"usr/lib/debug/.build-id/{new[:2]}/{new[2:]}.debug"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(data)
+                total += len(data)
+                if total >= target:
+                    break
+
+    return cached(work, "big", build)
 
 
 def build_plain50(
     work: pathlib.Path, big: pathlib.Path, target: int = 50 * MiB
 ) -> pathlib.Path:
     """The first ~50 MiB of big: the same kind of data, a twentieth of the size."""
-    image = work / "plain50"
-    if (image / "usr/lib/debug").is_dir():
-        return image
-    staging = work / "plain50.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    total = 0
-    for src in sorted((big / "usr/lib/debug").rglob("*.debug")):
-        dst = staging / src.relative_to(big)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
-        total += src.stat().st_size
-        if total >= target:
-            break
-    staging.rename(image)
-    return image
+
+    def build(staging: pathlib.Path) -> None:
+        total = 0
+        for src in sorted((big / "usr/lib/debug").rglob("*.debug")):
+            dst = staging / src.relative_to(big)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+            total += src.stat().st_size
+            if total >= target:
+                break
+
+    return cached(work, "plain50", build)
 
 
 def build_small(work: pathlib.Path) -> pathlib.Path:
