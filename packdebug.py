@@ -453,11 +453,6 @@ class Block:
         return self.uncompressed_offset + self.uncompressed_size
 
 
-def check_size(check: int) -> int:
-    """Size of the Check field for a Check ID (2.1.1.2)."""
-    return 0 if check == 0 else 4 << ((check - 1) // 3)
-
-
 def encode_mbi(n: int) -> bytes:
     """Multibyte integer (1.2): 7 bits per byte, least significant first."""
     if not 0 <= n <= VLI_MAX:
@@ -1459,15 +1454,6 @@ def remove_packed(scan: ImageScan, log: Log) -> tuple[int, int]:
 
 PAX_LIMIT = 1 * MiB  # a pax or GNU long-name header larger than this is hostile
 LINK_DEPTH = 40  # symlink hops, as the kernel's ELOOP limit
-MEMBER_KINDS = (
-    "debuginfo",
-    "executable",
-    "source",
-    "symlink",
-    "hardlink",
-    "directory",
-    "other",
-)
 
 
 def name_problems(name: str) -> list[str]:
@@ -3127,7 +3113,7 @@ def _build_id_file(environ: dict) -> str | None:
 
 def _portage_name(var: str, flag_value: str | None, environ: dict) -> str:
     value = flag_value or environ.get(var)
-    flag = f"--{var.lower()}"
+    flag = PORTAGE_INPUTS[var]
     if not value:
         raise UsageError(
             f"{var} is not set: run from a Portage phase hook, or pass {flag}"
