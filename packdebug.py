@@ -1510,6 +1510,19 @@ class _TarCursor:
         self.offset = 0
 
 
+def link_target(info: tarfile.TarInfo) -> str | None:
+    """The normalized member name a symlink or hardlink member points to."""
+    if info.islnk():
+        return normalize_name(info.linkname)
+    if not info.issym():
+        return None
+    base = os.path.dirname(normalize_name(info.name))
+    target = (
+        info.linkname if info.linkname.startswith("/") else f"{base}/{info.linkname}"
+    )
+    return os.path.normpath("/" + target).lstrip("/")
+
+
 class Archive:
     """A .tar.xz opened for reading: its xz Blocks, and tar on top of them."""
 
@@ -1686,36 +1699,33 @@ class Archive:
         for _ in range(LINK_DEPTH):
             if info.isreg():
                 return info
-            if info.issym():
-                base = os.path.dirname(normalize_name(info.name))
-                target = (
-                    info.linkname
-                    if info.linkname.startswith("/")
-                    else f"{base}/{info.linkname}"
-                )
-                target = os.path.normpath("/" + target).lstrip("/")
-            elif info.islnk():
-                target = normalize_name(info.linkname)
-            else:
-                return None
-            found = self.locate(target)
+            target = link_target(info)
+            found = self.locate(target) if target is not None else None
             if found is None:
                 return None
             info = found
         return None
 
     def find_build_id(self, build_id: str) -> tarfile.TarInfo | None:
-        """The regular member holding the ELF with that build-id.
+        """The regular member holding the ELF with that build-id: by link, else by notes."""
+        return self.find_build_id_by_link(build_id) or self.find_build_id_by_notes(
+            build_id
+        )
 
-        First through the .build-id/xx/yyyy.debug link estrip makes (a few
-        headers), confirmed by the ELF note; else every ELF member's notes.
-        """
+    def find_build_id_by_link(self, build_id: str) -> tarfile.TarInfo | None:
+        """Through the .build-id/xx/yyyy.debug link estrip makes (a few headers), confirmed by the ELF note."""
         link = self.locate(
             f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
         )
         target = self.resolve(link) if link is not None else None
-        if target is not None and self._has_build_id(target, build_id):
-            return target
+        return (
+            target
+            if target is not None and self._has_build_id(target, build_id)
+            else None
+        )
+
+    def find_build_id_by_notes(self, build_id: str) -> tarfile.TarInfo | None:
+        """Reading the ELF notes of every member: for archives without the links."""
         return next(
             (i for i in self.members() if self._has_build_id(i, build_id)), None
         )
@@ -1985,9 +1995,6 @@ class Verification:
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
 
-    def passed(self, *names: str) -> bool:
-        return all(c.ok for c in self.checks if c.name in names)
-
 
 def seekability(layout: XzLayout) -> Check:
     """Whether debuginfod >= 0.192 seeks in the file (debuginfod.cxx is_seekable_archive)."""
@@ -2119,16 +2126,8 @@ class _TarAudit:
             info = self.by_name.get(name)
             if info is None or info.isreg():
                 return name if info is not None else None
-            if info.issym():
-                target = (
-                    f"{os.path.dirname(name)}/{info.linkname}"
-                    if not info.linkname.startswith("/")
-                    else info.linkname
-                )
-                name = os.path.normpath("/" + target).lstrip("/")
-            elif info.islnk():
-                name = normalize_name(info.linkname)
-            else:
+            name = link_target(info)
+            if name is None:
                 return None
         return None
 
@@ -3451,14 +3450,13 @@ def cmd_find(args: argparse.Namespace, log: Log) -> int:
         raise UsageError(
             f"{args.root}: no such directory (give the tarball root, e.g. {'/' + TARBALL_DIR})"
         )
-    link = f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
     found = 0
-    for search in ("names", "notes"):
+    for search in (Archive.find_build_id_by_link, Archive.find_build_id_by_notes):
         for path in iter_tarballs(args.root):
             archive = None
             try:
                 archive = Archive(path)
-                hit = _find_in(archive, build_id, link, search)
+                hit = search(archive, build_id)
             except PackdebugError as e:
                 log.warning(f"{e} (skipped)")
                 continue
@@ -3472,22 +3470,6 @@ def cmd_find(args: argparse.Namespace, log: Log) -> int:
             return 0
     log.warning(f"build-id {build_id} is in no tarball under {args.root}")
     return 1
-
-
-def _find_in(
-    archive: Archive, build_id: str, link: str, search: str
-) -> tarfile.TarInfo | None:
-    if search == "notes":
-        return next(
-            (i for i in archive.members() if archive._has_build_id(i, build_id)), None
-        )
-    found = archive.locate(link)
-    target = archive.resolve(found) if found is not None else None
-    return (
-        target
-        if target is not None and archive._has_build_id(target, build_id)
-        else None
-    )
 
 
 def cmd_repack(args: argparse.Namespace, log: Log) -> int:
