@@ -15,29 +15,39 @@ Usage (see --help of each command):
 
     packdebug pack [--image D] [--category C --pn PN --pf PF --build-id N]
     packdebug buildid FILE...
-    packdebug list TARBALL [--json]
+    packdebug list TARBALL... [--json]
     packdebug verify TARBALL...
     packdebug extract TARBALL (--build-id ID | --member PATH) [-o FILE|-]
     packdebug extract TARBALL --all -C DIR
-    packdebug find BUILDID [ROOT]
+    packdebug find BUILDID [ROOT|TARBALL]...
     packdebug repack (TARBALL... | --root DIR) [--force] [--dry-run]
     packdebug prune --pkgdir DIR [--root DIR] [--vardb DIR] [--dry-run]
     packdebug settings [--format make.conf|shell|json] [--dedup] [--bashrc]
     packdebug settings --debuginfod [--listen ADDR:PORT]
 
-From /etc/portage/bashrc (print a ready hook with `packdebug settings --bashrc`):
-
-    pre_pkg_preinst() { packdebug pack -q || die "packdebug failed"; }
+From /etc/portage/bashrc (print a ready hook with `packdebug settings --bashrc`).
 
 The file is self-contained (standard library only, Python >= 3.9) and also
-importable: `import packdebug`.
+importable: `import packdebug`, then `packdebug.pack(request, options, log)`.
+
+Parts, each depending only on those above it: helpers and errors; 1. ELF
+notes; 2. xz container; 3. tar member collection; 4. packing; 5. reading and
+extraction; 6. binhost upkeep (repack, prune, settings); 7. command line.
 """
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # Until main() takes over, Ctrl-C ends the program quietly: a SIGINT while
+    # the modules below load must not print a KeyboardInterrupt traceback.
+    # _signal is built in; the signal module would first import enum.
+    import _signal
+
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+
 import argparse
 import bisect
-import concurrent.futures
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -45,6 +55,7 @@ import functools
 import io
 import lzma
 import os
+import queue
 import re
 import shlex
 import signal
@@ -52,16 +63,24 @@ import stat
 import struct
 import sys
 import tarfile
+import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Paths inside an image (${ED}), as Portage's __generate_packdebug uses them.
-DEBUG_TREES = ("usr/src/debug", "usr/lib/debug")  # sources first, as Portage
-TARBALL_DIR = "usr/lib/debug/.tarball"  # Portage's PACKDEBUG_PATH, relative
+SOURCE_DIR = "usr/src/debug"
+DEBUG_DIR = "usr/lib/debug"
+DEBUG_TREES = (SOURCE_DIR, DEBUG_DIR)  # sources first, as Portage
+BUILD_ID_DIR = DEBUG_DIR + "/.build-id"  # estrip's links, by build-id
+TARBALL_DIR = DEBUG_DIR + "/.tarball"  # Portage's PACKDEBUG_PATH, relative
 TARBALL_SUFFIX = "-debug.tar.xz"
+# Binary packages, as Portage 3.0.83's bintree names them (getname_build_id):
+# with a BUILD_ID under CAT/PN/, without one under CAT/.
+BINPKG_SUFFIXES_MULTI = (".gpkg.tar", ".xpak")
+BINPKG_SUFFIXES_SINGLE = (".gpkg.tar", ".tbz2")
 
 # Portage variables read by `pack`, with the flag that overrides each.
 PORTAGE_INPUTS = {
@@ -72,7 +91,64 @@ PORTAGE_INPUTS = {
     "BUILD_ID": "--build-id",
 }
 
-MiB = 1 << 20
+KiB, MiB = 1 << 10, 1 << 20
+READ_CHUNK = 1 * MiB  # unit of file reads and copies
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def round_up(n: int, multiple: int = 4) -> int:
+    return -(-n // multiple) * multiple
+
+
+def plural(count: int, noun: str, plural_form: str = "") -> str:
+    """'1 block', '2 blocks'."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
+
+
+def format_size(n: float) -> str:
+    """1536 -> '1.5 KiB', as xz -l prints sizes."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def shown(name: str | bytes | os.PathLike) -> str:
+    """A file or member name fit for one line of output, as `ls -b` shows it.
+
+    Printable characters stay; a backslash, a control character or a byte
+    that is not UTF-8 becomes a C escape (\\n, \\t, \\377), so a hostile name
+    can neither break a listing's rows nor smuggle terminal escapes.
+    """
+    name = os.fspath(name)
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "surrogateescape")
+    if name.isprintable() and "\\" not in name:
+        return name
+    out = []
+    for char in name:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif char.isprintable() and not 0xDC80 <= ord(char) <= 0xDCFF:
+            out.append(char)
+        else:
+            raw = char.encode("utf-8", "surrogateescape")
+            out.append("".join(f"\\{byte:03o}" for byte in raw))
+    return "".join(out)
+
+
+def to_json(document: object) -> str:
+    """JSON for --json and --format json; json is imported only then."""
+    import json
+
+    return json.dumps(document, indent=2) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -81,15 +157,37 @@ MiB = 1 << 20
 
 
 class PackdebugError(Exception):
-    """Base of every error packdebug reports; the CLI prints it and exits 1."""
+    """Base of every error packdebug reports; the CLI prints it and exits 1.
+
+    Like OSError's filename, `path` names the file the error is about (or
+    None), `reason` says what is wrong with it, and `hint` what to do.
+    """
 
     exit_code = 1
+
+    def __init__(self, reason: str, path=None, hint: str = "") -> None:
+        super().__init__(reason, path, hint)
+        self.reason, self.path, self.hint = reason, path, hint
+
+    def __str__(self) -> str:
+        where = f"{shown(self.path)}: " if self.path is not None else ""
+        return where + self.reason + (f"; {self.hint}" if self.hint else "")
+
+    def at(self, path) -> PackdebugError:
+        """This error, about `path` if it names no file yet."""
+        if self.path is None:
+            self.path = path
+        return self
 
 
 class UsageError(PackdebugError):
     """A missing or malformed input; the CLI exits 2 as for a usage error."""
 
     exit_code = 2
+
+
+class InputError(PackdebugError):
+    """An input that cannot be read, or is not a regular file or directory."""
 
 
 class ElfError(PackdebugError):
@@ -108,59 +206,188 @@ class PackError(PackdebugError):
     """Packing failed: unreadable input, a file changed, or no space left."""
 
 
-class UnsafeMemberError(ArchiveError):
-    """Extraction refused a member that would escape or harm the target."""
+class UnsafeTreeError(PackError):
+    """A directory of the image changed under packdebug, or is a symlink."""
+
+
+class OutputError(PackdebugError):
+    """An output file or directory could not be written."""
+
+
+class ExtractError(ArchiveError):
+    """`extract --all` could not extract a member; `member` names it."""
+
+    def __init__(self, member: str, reason: str, path=None) -> None:
+        super().__init__(f"member '{shown(member)}': {reason}", path)
+        self.member = member
+
+
+# Refusals of `extract --all`, after tarfile's PEP 706 filter errors: each
+# is a member that would escape the directory, or harm what is in it.
+class AbsolutePathError(ExtractError):
+    """A member name that starts with '/'."""
+
+
+class OutsideDestinationError(ExtractError):
+    """A member name with a '..' component."""
+
+
+class AbsoluteLinkError(ExtractError):
+    """A symlink to an absolute path."""
+
+
+class LinkOutsideDestinationError(ExtractError):
+    """A symlink or hardlink whose target is, or may become, outside."""
+
+
+class SpecialFileError(ExtractError):
+    """A device, FIFO or other member that is neither file, directory nor link."""
+
+
+class HardlinkTargetError(ExtractError):
+    """A hardlink to a member that is missing, later, or a directory."""
+
+
+class BadNameError(ExtractError):
+    """A name with a NUL byte, or that names the directory itself."""
+
+
+class TypeConflictError(ExtractError):
+    """A member whose name is taken by an entry of another kind."""
+
+
+class NameTooLongError(ExtractError):
+    """A name or link target too long for the file system."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NameProblem:
+    """Why a member name is not as packdebug writes names; test by identity."""
+
+    text: str
+
+
+ABSOLUTE_NAME = NameProblem("absolute path")
+DOTDOT_NAME = NameProblem("'..' component")
+DOT_SLASH_NAME = NameProblem("leading './'")
+DOT_NAME = NameProblem("'.' component")
+EMPTY_COMPONENT = NameProblem("'//'")
+ESCAPING_NAMES = (ABSOLUTE_NAME, DOTDOT_NAME)
+
+
+def name_problems(name: str) -> list[NameProblem]:
+    """Why a member name is not clean, as packdebug writes names."""
+    problems = []
+    if name.startswith("/"):
+        problems.append(ABSOLUTE_NAME)
+    parts = name.rstrip("/").split("/")
+    if ".." in parts:
+        problems.append(DOTDOT_NAME)
+    if name.startswith("./"):
+        problems.append(DOT_SLASH_NAME)
+    elif "." in parts:
+        problems.append(DOT_NAME)
+    if "//" in name.lstrip("/"):
+        problems.append(EMPTY_COMPONENT)
+    return problems
+
+
+def normalize_name(name: str) -> str:
+    """A member name as debuginfod and tar resolve it: no '.', '', or '/'."""
+    return "/".join(p for p in name.split("/") if p not in ("", "."))
 
 
 class Log:
     """Messages for the user: results on stdout, warnings on stderr.
 
     verbosity -1 (-q) keeps only warnings and errors; 1 (-v) adds details.
+    A report that cannot be written (stdout on a full disk) is remembered in
+    `report_error` and the rest of the report dropped, so that a job that is
+    done is not failed by its report; the CLI decides what that means.
     """
 
-    def __init__(
-        self,
-        verbosity: int = 0,
-        out: io.TextIOBase | None = None,
-        err: io.TextIOBase | None = None,
-    ):
+    def __init__(self, verbosity: int = 0, out=None, err=None) -> None:
         self.verbosity = verbosity
         self.out = out or sys.stdout
         self.err = err or sys.stderr
+        self.report_error: OSError | None = None
+
+    def write(self, text: str) -> None:
+        """Write report text to stdout, as it is (no newline added)."""
+        if self.report_error is not None:
+            return
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self.report_error = e
 
     def info(self, message: str) -> None:
         if self.verbosity >= 0:
-            print(message, file=self.out, flush=True)
+            self.write(message + "\n")
 
     def detail(self, message: str) -> None:
         if self.verbosity > 0:
-            print(message, file=self.out, flush=True)
+            self.write(message + "\n")
 
     def warning(self, message: str) -> None:
-        print(f"packdebug: warning: {message}", file=self.err, flush=True)
+        with contextlib.suppress(OSError):
+            print(f"packdebug: warning: {message}", file=self.err, flush=True)
 
 
-def to_json(document: object) -> str:
-    """JSON for --json and --format json; json is imported only then."""
-    import json
+def open_beneath(
+    root_fd: int, parts: Sequence[str], *, create: bool = False, created=None
+) -> int:
+    """Open the directory root/parts... without following any symlink on the way.
 
-    return json.dumps(document, indent=2) + "\n"
+    With `create`, missing directories are made 0755 (as install -d does)
+    and their part lists appended to `created`, for undoing.
+    """
+    fd = os.dup(root_fd)
+    try:
+        for depth, part in enumerate(parts):
+            made = False
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    made = True
+            child = os.open(
+                part,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=fd,
+            )
+            os.close(fd)
+            fd = child
+            if made:
+                os.fchmod(fd, 0o755)  # whatever the umask
+                if created is not None:
+                    created.append(list(parts[: depth + 1]))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def format_size(n: float) -> str:
-    """1536 -> '1.5 KiB', as xz -l prints sizes."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+def remove_beneath(root_fd: int, created: Sequence[Sequence[str]]) -> None:
+    """rmdir the directories open_beneath created, deepest first, if still empty."""
+    for parts in sorted(created, key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            parent = open_beneath(root_fd, parts[:-1])
+            try:
+                os.rmdir(parts[-1], dir_fd=parent)
+            finally:
+                os.close(parent)
 
 
 # ---------------------------------------------------------------------------
-# 1. ELF notes (gABI "Note Section"; elfutils gelf_getnote for 8-byte notes)
+# 1. ELF notes (System V gABI, "ELF Header", "Program Header", "Sections",
+#    "Note Section"; elfutils' gelf_getnote for 8-byte aligned notes)
 # ---------------------------------------------------------------------------
 
 ELF_MAGIC = b"\x7fELF"
+EI_CLASS, EI_DATA = 4, 5
 ELFCLASS32, ELFCLASS64 = 1, 2
 ELFDATA2LSB, ELFDATA2MSB = 1, 2
 ET_EXEC, ET_DYN = 2, 3
@@ -170,15 +397,28 @@ SHF_ALLOC = 0x2
 SHN_XINDEX = PN_XNUM = 0xFFFF
 NT_GNU_BUILD_ID = 3
 
-# Field layouts after e_ident, per ELF class: (header, program header,
-# section header).  Only the fields packdebug uses are named below.
-_ELF_LAYOUTS = {
-    ELFCLASS32: ("16xHHIIIIIHHHHHH", "IIIIIIII", "IIIIIIIIII"),
-    ELFCLASS64: ("16xHHIQQQIHHHHHH", "IIQQQQQQ", "IIQQQQIIQQ"),
+# The fields packdebug reads of each structure; struct pad bytes (x) skip
+# the others.  ELF32 and ELF64 differ in field sizes and, for program
+# headers, in field order.
+Elf_Ehdr = collections.namedtuple(
+    "Elf_Ehdr",
+    "e_type e_machine e_version e_entry e_phoff e_shoff e_flags e_ehsize"
+    " e_phentsize e_phnum e_shentsize e_shnum e_shstrndx",
+)
+Elf_Phdr = collections.namedtuple("Elf_Phdr", "p_type p_offset p_filesz p_align")
+Elf_Shdr = collections.namedtuple(
+    "Elf_Shdr",
+    "sh_name sh_type sh_flags sh_offset sh_size sh_link sh_info sh_addralign",
+)
+_ELF_FORMATS = {  # e_ident[EI_CLASS]: (Elf_Ehdr, Elf_Phdr, Elf_Shdr)
+    ELFCLASS32: ("16xHHIIIIIHHHHHH", "II8xI8xI", "III4xIIIII4x"),
+    ELFCLASS64: ("16xHHIQQQIHHHHHH", "I4xQ16xQ8xQ", "IIQ8xQQIIQ8x"),
 }
-NOTE_LIMIT = 1 * MiB  # a note region larger than this is not a build-id note
+
+NOTE_REGION_LIMIT = 1 * MiB  # a larger note region holds no build-id note
+NOTE_REGIONS_MAX = 256  # real files have a handful; more is hostile
 STRTAB_LIMIT = 16 * MiB
-TABLE_LIMIT = 64 * MiB
+TABLE_CHUNK = 64 * KiB  # header tables are read this much at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,45 +446,110 @@ class ElfInfo:
 ReadAt = Callable[[int, int], bytes]
 
 
-class _ElfReader:
-    """Bounds-checked reads of one ELF file through read_at(offset, size)."""
+class ElfFile:
+    """Bounds-checked reads of one ELF file's headers through read_at(offset, size).
 
-    def __init__(self, read_at: ReadAt, size: int, name: str) -> None:
-        self.read_at, self.size, self.name = read_at, size, name
+    Header tables are read in chunks of TABLE_CHUNK bytes and parsed one
+    entry at a time, so memory stays bounded whatever e_phnum or e_shnum
+    claim, and at most NOTE_REGIONS_MAX note regions are read.
+    """
+
+    def __init__(self, read_at: ReadAt, size: int) -> None:
+        self.read_at, self.size = read_at, size
         ident = self.read(0, 16, "ELF identification")
         if ident[:4] != ELF_MAGIC:
-            raise ElfError(f"{name}: not an ELF file")
-        if ident[4] not in _ELF_LAYOUTS or ident[5] not in (ELFDATA2LSB, ELFDATA2MSB):
+            raise ElfError("not an ELF file")
+        if ident[EI_CLASS] not in _ELF_FORMATS or ident[EI_DATA] not in (
+            ELFDATA2LSB,
+            ELFDATA2MSB,
+        ):
             raise ElfError(
-                f"{name}: unknown ELF class {ident[4]} or data encoding {ident[5]}"
+                f"unknown ELF class {ident[EI_CLASS]} or data encoding {ident[EI_DATA]}"
             )
-        self.endian = "<" if ident[5] == ELFDATA2LSB else ">"
-        self.ehdr, self.phdr, self.shdr = (
-            struct.Struct(self.endian + f) for f in _ELF_LAYOUTS[ident[4]]
+        self.endian = "<" if ident[EI_DATA] == ELFDATA2LSB else ">"
+        self.ehdr_format, self.phdr_format, self.shdr_format = (
+            struct.Struct(self.endian + f) for f in _ELF_FORMATS[ident[EI_CLASS]]
         )
+        self.note_regions = 0
 
     def read(self, offset: int, size: int, what: str) -> bytes:
         if offset < 0 or size < 0 or offset + size > self.size:
             raise ElfError(
-                f"{self.name}: {what} at offset {offset} runs past the end of the "
-                f"file ({self.size} bytes): truncated or corrupt ELF"
+                f"{what} at offset {offset} runs past the end of the file "
+                f"({self.size} bytes): truncated or corrupt ELF"
             )
         data = self.read_at(offset, size)
         if len(data) != size:
-            raise ElfError(f"{self.name}: short read of {what} at offset {offset}")
+            raise ElfError(f"short read of {what} at offset {offset}")
         return data
+
+    def ehdr(self) -> Elf_Ehdr:
+        return Elf_Ehdr._make(
+            self.ehdr_format.unpack(self.read(0, self.ehdr_format.size, "ELF header"))
+        )
 
     def table(
         self, offset: int, count: int, entsize: int, layout: struct.Struct, what: str
-    ):
+    ) -> Iterator[tuple]:
+        """The raw entries of a header table, read chunk by chunk."""
         if count and entsize < layout.size:
-            raise ElfError(f"{self.name}: {what} entry size {entsize} is too small")
-        if count * entsize > TABLE_LIMIT:
+            raise ElfError(f"{what} entry size {entsize} is too small")
+        self.read(offset, 0, what)  # the table must start inside the file
+        if count * entsize > self.size - offset:
             raise ElfError(
-                f"{self.name}: {what} of {count} entries is implausibly large"
+                f"{what} of {count} entries runs past the end of the file: "
+                "truncated or corrupt ELF"
             )
-        data = self.read(offset, count * entsize, what)
-        return [layout.unpack_from(data, i * entsize) for i in range(count)]
+        per_chunk = max(1, TABLE_CHUNK // max(entsize, 1))
+        for first in range(0, count, per_chunk):
+            n = min(per_chunk, count - first)
+            chunk = self.read(offset + first * entsize, n * entsize, what)
+            for i in range(n):
+                yield layout.unpack_from(chunk, i * entsize)
+
+    def phdrs(self, ehdr: Elf_Ehdr, phnum: int) -> Iterator[Elf_Phdr]:
+        if not ehdr.e_phoff:
+            return
+        entries = self.table(
+            ehdr.e_phoff,
+            phnum,
+            ehdr.e_phentsize,
+            self.phdr_format,
+            "program header table",
+        )
+        for entry in entries:
+            yield Elf_Phdr._make(entry)
+
+    def shdrs(self, ehdr: Elf_Ehdr, shnum: int) -> Iterator[Elf_Shdr]:
+        entries = self.table(
+            ehdr.e_shoff,
+            shnum,
+            ehdr.e_shentsize,
+            self.shdr_format,
+            "section header table",
+        )
+        for entry in entries:
+            yield Elf_Shdr._make(entry)
+
+    def shdr(self, ehdr: Elf_Ehdr, index: int) -> Elf_Shdr:
+        """One section header: 0 holds the real counts under extended numbering."""
+        if ehdr.e_shentsize < self.shdr_format.size:
+            raise ElfError(f"section header entry size {ehdr.e_shentsize} is too small")
+        offset = ehdr.e_shoff + index * ehdr.e_shentsize
+        data = self.read(offset, self.shdr_format.size, f"section header {index}")
+        return Elf_Shdr._make(self.shdr_format.unpack(data))
+
+    def build_id_in(self, offset: int, size: int, align: int, what: str) -> str | None:
+        """The build-id of a note region, if it holds one."""
+        if not 0 < size <= NOTE_REGION_LIMIT:
+            return None
+        self.note_regions += 1
+        if self.note_regions > NOTE_REGIONS_MAX:
+            raise ElfError(f"more than {NOTE_REGIONS_MAX} note regions: corrupt ELF")
+        try:
+            return build_id_of_notes(self.read(offset, size, what), align, self.endian)
+        except ElfError as e:
+            raise ElfError(f"{what}: {e.reason}") from None
 
 
 def iter_notes(
@@ -260,7 +565,7 @@ def iter_notes(
     while pos + 12 <= len(data):
         namesz, descsz, note_type = struct.unpack_from(endian + "III", data, pos)
         name_at = pos + 12
-        desc_at = _round_up(name_at + namesz, pad)
+        desc_at = round_up(name_at + namesz, pad)
         if desc_at + descsz > len(data):
             raise ElfError("note runs past the end of its section")
         yield (
@@ -268,10 +573,11 @@ def iter_notes(
             note_type,
             data[desc_at : desc_at + descsz],
         )
-        pos = _round_up(desc_at + descsz, pad)
+        pos = round_up(desc_at + descsz, pad)
 
 
-def _build_id_in(data: bytes, align: int, endian: str) -> str | None:
+def build_id_of_notes(data: bytes, align: int, endian: str) -> str | None:
+    """The NT_GNU_BUILD_ID descriptor of a note region, as lowercase hex."""
     for name, note_type, desc in iter_notes(data, align, endian):
         if note_type == NT_GNU_BUILD_ID and name.rstrip(b"\0") == b"GNU" and desc:
             return desc.hex()
@@ -279,7 +585,7 @@ def _build_id_in(data: bytes, align: int, endian: str) -> str | None:
 
 
 def read_elf(
-    read_at: ReadAt, size: int, name: str = "ELF file", *, sections: bool = True
+    read_at: ReadAt, size: int, name=None, *, sections: bool = True
 ) -> ElfInfo:
     """Parse the ELF headers and notes reachable through read_at.
 
@@ -288,108 +594,113 @@ def read_elf(
     set or no PT_NOTE held a build-id.  Never reads section contents other
     than notes and the section name table.
     """
-    elf = _ElfReader(read_at, size, name)
-    header = elf.ehdr.unpack(elf.read(0, elf.ehdr.size, "ELF header"))
-    e_type, _mach, _ver, _entry, phoff, shoff = header[:6]
-    phentsize, phnum, shentsize, shnum, shstrndx = header[8:]
-    section0 = None
-    if shoff and (shnum == 0 or shstrndx == SHN_XINDEX or phnum == PN_XNUM):
-        # Extended numbering (gABI): real counts live in section header 0.
-        section0 = elf.table(shoff, 1, shentsize, elf.shdr, "section header 0")[0]
-        shnum = shnum or section0[5]
-        shstrndx = section0[6] if shstrndx == SHN_XINDEX else shstrndx
-        phnum = section0[7] if phnum == PN_XNUM else phnum
-    build_id = None
-    for ph in (
-        elf.table(phoff, phnum, phentsize, elf.phdr, "program header table")
-        if phoff
-        else ()
-    ):
-        p_type, p_offset, p_filesz, p_align = _phdr_fields(ph, elf.phdr.size)
-        if p_type == PT_NOTE and 0 < p_filesz <= NOTE_LIMIT and build_id is None:
-            data = elf.read(p_offset, p_filesz, "PT_NOTE segment")
-            build_id = _notes_build_id(data, p_align, elf, "PT_NOTE segment")
-    if not shoff or not (sections or build_id is None):
-        return ElfInfo(build_id, e_type)
-    return _read_sections(elf, e_type, build_id, shoff, shnum, shentsize, shstrndx)
-
-
-def _phdr_fields(ph: tuple, size: int) -> tuple[int, int, int, int]:
-    if size == 32:  # ELF32: type, offset, vaddr, paddr, filesz, memsz, flags, align
-        return ph[0], ph[1], ph[4], ph[7]
-    return (
-        ph[0],
-        ph[2],
-        ph[5],
-        ph[7],
-    )  # ELF64: type, flags, offset, ..., filesz, memsz, align
-
-
-def _notes_build_id(data: bytes, align: int, elf: _ElfReader, what: str) -> str | None:
     try:
-        return _build_id_in(data, align, elf.endian)
+        elf = ElfFile(read_at, size)
+        ehdr = elf.ehdr()
+        shnum, shstrndx, phnum = ehdr.e_shnum, ehdr.e_shstrndx, ehdr.e_phnum
+        if ehdr.e_shoff and (shnum == 0 or shstrndx == SHN_XINDEX or phnum == PN_XNUM):
+            section0 = elf.shdr(ehdr, 0)  # gABI extended numbering
+            shnum = shnum or section0.sh_size
+            shstrndx = section0.sh_link if shstrndx == SHN_XINDEX else shstrndx
+            phnum = section0.sh_info if phnum == PN_XNUM else phnum
+        build_id = None
+        for ph in elf.phdrs(ehdr, phnum):
+            if ph.p_type == PT_NOTE:
+                build_id = elf.build_id_in(
+                    ph.p_offset, ph.p_filesz, ph.p_align, "PT_NOTE segment"
+                )
+                if build_id:
+                    break
+        if not ehdr.e_shoff or not (sections or build_id is None):
+            return ElfInfo(build_id, ehdr.e_type)
+        return _classify_sections(elf, ehdr, shnum, shstrndx, build_id)
     except ElfError as e:
-        raise ElfError(f"{elf.name}: {what}: {e}") from None
+        raise e.at(name) from None
 
 
-def _read_sections(
-    elf: _ElfReader, e_type, build_id, shoff, shnum, shentsize, shstrndx
+def _section_names(elf: ElfFile, ehdr: Elf_Ehdr, shnum: int, shstrndx: int) -> bytes:
+    if not 0 < shstrndx < shnum:
+        return b""
+    strtab = elf.shdr(ehdr, shstrndx)
+    if strtab.sh_type == SHT_NOBITS or strtab.sh_size > STRTAB_LIMIT:
+        return b""
+    return elf.read(strtab.sh_offset, strtab.sh_size, "section name table")
+
+
+def _classify_sections(
+    elf: ElfFile, ehdr: Elf_Ehdr, shnum: int, shstrndx: int, build_id: str | None
 ) -> ElfInfo:
-    shdrs = elf.table(shoff, shnum, shentsize, elf.shdr, "section header table")
-    names = b""
-    if 0 < shstrndx < len(shdrs):
-        strtab = shdrs[shstrndx]
-        if strtab[1] != SHT_NOBITS and strtab[5] <= STRTAB_LIMIT:
-            names = elf.read(strtab[4], strtab[5], "section name table")
-    flags = {
-        "has_debug_sections": False,
-        "has_symtab": False,
-        "has_alloc_progbits": False,
-        "has_other_alloc": False,
+    """ElfInfo from the section headers, one at a time (elf_classify's tests)."""
+    names = _section_names(elf, ehdr, shnum, shstrndx)
+    debug = symtab = alloc_progbits = other_alloc = False
+    for index, sh in enumerate(elf.shdrs(ehdr, shnum)):
+        if index == 0:  # the reserved null section
+            continue
+        debug = debug or names.startswith((b".debug_", b".zdebug_"), sh.sh_name)
+        symtab = symtab or sh.sh_type == SHT_SYMTAB
+        if sh.sh_flags & SHF_ALLOC:
+            alloc_progbits = alloc_progbits or sh.sh_type == SHT_PROGBITS
+            other_alloc = other_alloc or sh.sh_type not in (SHT_NOBITS, SHT_NOTE)
+        if sh.sh_type == SHT_NOTE and build_id is None:
+            build_id = elf.build_id_in(
+                sh.sh_offset, sh.sh_size, sh.sh_addralign, "SHT_NOTE section"
+            )
+    return ElfInfo(build_id, ehdr.e_type, debug, symtab, alloc_progbits, other_alloc)
+
+
+def open_regular(path, what: str = "file") -> int:
+    """A read-only descriptor of a regular file; anything else is an InputError.
+
+    O_NONBLOCK keeps a FIFO from blocking the open; the file's kind is then
+    checked on the descriptor itself, so it cannot change in between.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise InputError(f"cannot open the {what}: {e.strerror}", path) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise InputError(f"is {file_kind(mode)}, not a regular {what}", path)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def file_kind(mode: int) -> str:
+    """'a directory', 'a FIFO', ... for messages."""
+    kinds = {
+        stat.S_IFDIR: "a directory",
+        stat.S_IFCHR: "a character device",
+        stat.S_IFBLK: "a block device",
+        stat.S_IFIFO: "a FIFO",
+        stat.S_IFSOCK: "a socket",
+        stat.S_IFLNK: "a symlink",
+        stat.S_IFREG: "a regular file",
     }
-    for sh in shdrs[1:]:
-        sh_name, sh_type, sh_flags, _addr, sh_offset, sh_size = sh[:6]
-        sh_align = sh[8]
-        end = names.find(b"\0", sh_name)
-        section = names[sh_name : end if end >= 0 else len(names)]
-        if section.startswith((b".debug_", b".zdebug_")):
-            flags["has_debug_sections"] = True
-        flags["has_symtab"] |= sh_type == SHT_SYMTAB
-        if sh_flags & SHF_ALLOC:
-            flags["has_alloc_progbits"] |= sh_type == SHT_PROGBITS
-            flags["has_other_alloc"] |= sh_type not in (SHT_NOBITS, SHT_NOTE)
-        if sh_type == SHT_NOTE and build_id is None and 0 < sh_size <= NOTE_LIMIT:
-            data = elf.read(sh_offset, sh_size, "SHT_NOTE section")
-            build_id = _notes_build_id(data, sh_align, elf, "SHT_NOTE section")
-    return ElfInfo(build_id, e_type, **flags)
+    return kinds.get(stat.S_IFMT(mode), "a special file")
 
 
 def read_elf_file(path, *, sections: bool = False) -> ElfInfo | None:
     """ElfInfo of the file at `path`, or None if it is not ELF at all."""
-    name = os.fsdecode(path)
+    fd = open_regular(path)
     try:
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            if os.pread(f.fileno(), 4, 0) != ELF_MAGIC:
-                return None
-            return read_elf(
-                lambda off, n: os.pread(f.fileno(), n, off),
-                size,
-                name,
-                sections=sections,
-            )
+        size = os.fstat(fd).st_size
+        if os.pread(fd, 4, 0) != ELF_MAGIC:
+            return None
+        return read_elf(
+            lambda offset, n: os.pread(fd, n, offset), size, path, sections=sections
+        )
     except OSError as e:
-        raise PackdebugError(f"{name}: cannot read: {e.strerror}") from None
+        raise InputError(f"cannot read: {e.strerror}", path) from None
+    finally:
+        os.close(fd)
 
 
 def read_build_id(path) -> str | None:
     """The GNU build-id of an ELF file as lowercase hex, or None."""
     info = read_elf_file(path)
     return info.build_id if info else None
-
-
-def _round_up(n: int, multiple: int = 4) -> int:
-    return -(-n // multiple) * multiple
 
 
 # ---------------------------------------------------------------------------
@@ -411,7 +722,7 @@ VLI_MAX = (1 << 63) - 1  # 1.2
 # the dictionary gets a smaller one, which saves the encoder's memory and
 # start-up time without changing what it can find.
 PRESET_DICT_SIZE = (
-    256 << 10,
+    256 * KiB,
     1 * MiB,
     2 * MiB,
     4 * MiB,
@@ -422,7 +733,21 @@ PRESET_DICT_SIZE = (
     32 * MiB,
     64 * MiB,
 )
+# Compressor memory per thread (xz(1), "Presets", CompMem), for -j's budget.
+PRESET_ENCODER_MEMORY = tuple(
+    n * MiB for n in (3, 9, 17, 32, 48, 94, 94, 186, 370, 674)
+)
 DECODER_MEMLIMIT = 512 * MiB  # refuses hostile dictionary sizes
+# What other compressors' files start with, to name them in errors.
+OTHER_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\x04\x22\x4d\x18", "lz4"),
+    (b"LZIP", "lzip"),
+    (b"\x89LZO", "lzop"),
+    (b"\x5d\x00\x00", "lzma (xz --format=lzma)"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,7 +771,7 @@ class Block:
 
     @property
     def end(self) -> int:
-        return self.offset + _round_up(self.unpadded_size)
+        return self.offset + round_up(self.unpadded_size)
 
     @property
     def uncompressed_end(self) -> int:
@@ -480,11 +805,12 @@ def decode_mbi(buf: bytes, pos: int) -> tuple[int, int]:
     raise XzError("multibyte integer is longer than 9 bytes")
 
 
-def _stream_flags(check: int) -> bytes:
+def create_stream_flags(check: int) -> bytes:
+    """Stream Flags (2.1.1.2): a null byte, then the Check ID."""
     return bytes((0, check))
 
 
-def _parse_stream_flags(flags: bytes) -> int:
+def parse_stream_flags(flags: bytes) -> int:
     if flags[0] or flags[1] & 0xF0:
         raise XzError("unsupported Stream Flags (reserved bits are set)")
     return flags[1]
@@ -492,33 +818,33 @@ def _parse_stream_flags(flags: bytes) -> int:
 
 def create_stream_header(check: int) -> bytes:
     """Stream Header (2.1.1): magic, Stream Flags, CRC32 of the flags."""
-    flags = _stream_flags(check)
+    flags = create_stream_flags(check)
     return HEADER_MAGIC + flags + struct.pack("<I", zlib.crc32(flags))
 
 
 def parse_stream_header(buf: bytes) -> int:
     """Check a Stream Header; return its Check ID."""
     if len(buf) != STREAM_HEADER_SIZE or buf[:6] != HEADER_MAGIC:
-        raise XzError("not an xz file (no xz Stream Header magic)")
+        raise XzError("no xz Stream Header where one must start")
     if struct.unpack("<I", buf[8:12])[0] != zlib.crc32(buf[6:8]):
         raise XzError("Stream Header CRC32 does not match")
-    return _parse_stream_flags(buf[6:8])
+    return parse_stream_flags(buf[6:8])
 
 
 def create_stream_footer(check: int, index_size: int) -> bytes:
     """Stream Footer (2.1.2): CRC32, Backward Size, Stream Flags, magic."""
-    body = struct.pack("<I", index_size // 4 - 1) + _stream_flags(check)
+    body = struct.pack("<I", index_size // 4 - 1) + create_stream_flags(check)
     return struct.pack("<I", zlib.crc32(body)) + body + FOOTER_MAGIC
 
 
 def parse_stream_footer(buf: bytes) -> tuple[int, int]:
     """Check a Stream Footer; return (Check ID, size of the Index)."""
     if len(buf) != STREAM_FOOTER_SIZE or buf[10:] != FOOTER_MAGIC:
-        raise XzError("no xz Stream Footer at the end (truncated, or not xz)")
+        raise XzError("no xz Stream Footer at the end: truncated")
     if struct.unpack("<I", buf[:4])[0] != zlib.crc32(buf[4:10]):
         raise XzError("Stream Footer CRC32 does not match")
     backward_size = (struct.unpack("<I", buf[4:8])[0] + 1) * 4
-    return _parse_stream_flags(buf[8:10]), backward_size
+    return parse_stream_flags(buf[8:10]), backward_size
 
 
 def create_index(records: Sequence[IndexRecord]) -> bytes:
@@ -544,14 +870,15 @@ def parse_index(buf: bytes) -> list[IndexRecord]:
         if unpadded < 5 or unpadded > VLI_MAX - 3:  # 4.3.2: header >= 1, check, data
             raise XzError(f"Index Record has an impossible Unpadded Size {unpadded}")
         records.append(IndexRecord(unpadded, uncompressed))
-    if _round_up(pos) != len(buf) - 4 or any(buf[pos:-4]):
+    if round_up(pos) != len(buf) - 4 or any(buf[pos:-4]):
         raise XzError("Index size does not match its record count")
     return records
 
 
 def block_filters(preset: int, size: int) -> list[dict]:
-    """LZMA2 at `preset`, with the dictionary shrunk to the block's size."""
-    dict_size = min(PRESET_DICT_SIZE[preset], max(4096, 1 << (size - 1).bit_length()))
+    """LZMA2 at `preset` (| lzma.PRESET_EXTREME), the dictionary shrunk to the block."""
+    level = preset & ~lzma.PRESET_EXTREME
+    dict_size = min(PRESET_DICT_SIZE[level], max(4096, 1 << (size - 1).bit_length()))
     return [{"id": lzma.FILTER_LZMA2, "preset": preset, "dict_size": dict_size}]
 
 
@@ -561,9 +888,9 @@ def compress_block(
     """Compress `data` into one xz Block (header, data, padding, check).
 
     The stdlib cannot write a bare Block, so liblzma writes a one-Block
-    Stream and the Block is cut out of it: its Stream Header and its Index
-    and Stream Footer are dropped (FACTS.md §4).  lzma releases the GIL, so
-    threads compress Blocks in parallel.
+    Stream and the Block is cut out of it: its Stream Header, Index and
+    Stream Footer are dropped.  lzma releases the GIL, so threads compress
+    Blocks in parallel.
     """
     stream = lzma.compress(
         data,
@@ -576,16 +903,17 @@ def compress_block(
         stream[-STREAM_FOOTER_SIZE - index_size : -STREAM_FOOTER_SIZE]
     )
     block = memoryview(stream)[STREAM_HEADER_SIZE : -STREAM_FOOTER_SIZE - index_size]
-    assert len(block) == _round_up(
-        record.unpadded_size
-    ) and record.uncompressed_size == len(data)
+    if len(block) != round_up(record.unpadded_size) or record.uncompressed_size != len(
+        data
+    ):
+        raise XzError("liblzma wrote a Block of unexpected size")
     return block, record
 
 
 class XzStreamWriter:
     """Writes exactly one xz Stream, Block by Block, with no Stream Padding."""
 
-    def __init__(self, fileobj: io.BufferedIOBase, check: int = CHECK_CRC64) -> None:
+    def __init__(self, fileobj, check: int = CHECK_CRC64) -> None:
         self.fileobj, self.check = fileobj, check
         self.records: list[IndexRecord] = []
         self.size = self._write(create_stream_header(check))
@@ -617,62 +945,63 @@ class XzLayout:
         return self.blocks[-1].uncompressed_end if self.blocks else 0
 
 
-def read_xz_layout(fd: int, file_size: int, name: str = "xz file") -> XzLayout:
+def identify_non_xz(start: bytes) -> str:
+    """Why a file that does not start with the xz magic is not xz."""
+    if not start:
+        return "is empty, not an xz file"
+    for magic, name in OTHER_MAGIC:
+        if start.startswith(magic):
+            return f"holds {name} data, not xz, whatever its name says"
+    return "is not an xz file (it does not start with the xz magic bytes)"
+
+
+def read_xz_layout(fd: int, file_size: int) -> XzLayout:
     """Read the Stream Footers and Indexes of an xz file, from its end.
 
     Handles several Streams and Stream Padding (2.2), as xz does; whether a
     file has them is for the caller to judge (debuginfod reads only the last
     Stream's Index, so packdebug writes one Stream and no padding).
     """
-    streams: list[list[Block]] = []
+    start = _pread_exact(fd, min(file_size, len(HEADER_MAGIC)), 0)
+    if start != HEADER_MAGIC:
+        raise XzError(identify_non_xz(start))
+    streams: list[list] = []
     checks, padding, end = set(), 0, file_size
     while end > 0:
-        tail = _pread_exact(fd, 4, end - 4, name) if end >= 4 else b"\xff"
+        tail = _pread_exact(fd, 4, end - 4) if end >= 4 else b"\xff"
         if tail == b"\0\0\0\0":
             padding, end = padding + 4, end - 4
             continue
-        blocks, start, check = _read_stream(fd, end, name)
+        blocks, start_at, check = _read_stream(fd, end)
         streams.append(blocks)
         checks.add(check)
-        end = start
-    if not streams:
-        raise XzError(f"{name}: not an xz file (empty, or only zero bytes)")
+        end = start_at
     return XzLayout(
         _number_blocks(reversed(streams)), len(streams), padding, frozenset(checks)
     )
 
 
-def _read_stream(
-    fd: int, end: int, name: str
-) -> tuple[list[tuple[int, IndexRecord, int]], int, int]:
+def _read_stream(fd: int, end: int) -> tuple[list, int, int]:
     if end < STREAM_HEADER_SIZE + STREAM_FOOTER_SIZE + 8:
-        raise XzError(f"{name}: truncated xz file (too short for a Stream)")
-    try:
-        check, index_size = parse_stream_footer(
-            _pread_exact(fd, STREAM_FOOTER_SIZE, end - STREAM_FOOTER_SIZE, name)
-        )
-        index_at = end - STREAM_FOOTER_SIZE - index_size
-        if index_at < STREAM_HEADER_SIZE:
-            raise XzError("Backward Size points before the start of the file")
-        records = parse_index(_pread_exact(fd, index_size, index_at, name))
-        start = (
-            index_at
-            - sum(_round_up(r.unpadded_size) for r in records)
-            - STREAM_HEADER_SIZE
-        )
-        if start < 0:
-            raise XzError("the Index describes more Blocks than the file holds")
-        if (
-            parse_stream_header(_pread_exact(fd, STREAM_HEADER_SIZE, start, name))
-            != check
-        ):
-            raise XzError("Stream Header and Stream Footer disagree on the check type")
-    except XzError as e:
-        raise XzError(f"{name}: {e}") from None
+        raise XzError("truncated xz file (too short for a Stream)")
+    check, index_size = parse_stream_footer(
+        _pread_exact(fd, STREAM_FOOTER_SIZE, end - STREAM_FOOTER_SIZE)
+    )
+    index_at = end - STREAM_FOOTER_SIZE - index_size
+    if index_at < STREAM_HEADER_SIZE:
+        raise XzError("Backward Size points before the start of the file")
+    records = parse_index(_pread_exact(fd, index_size, index_at))
+    start = (
+        index_at - sum(round_up(r.unpadded_size) for r in records) - STREAM_HEADER_SIZE
+    )
+    if start < 0:
+        raise XzError("the Index describes more Blocks than the file holds")
+    if parse_stream_header(_pread_exact(fd, STREAM_HEADER_SIZE, start)) != check:
+        raise XzError("Stream Header and Stream Footer disagree on the check type")
     offset, located = start + STREAM_HEADER_SIZE, []
     for r in records:
         located.append((offset, r, check))
-        offset += _round_up(r.unpadded_size)
+        offset += round_up(r.unpadded_size)
     return located, start, check
 
 
@@ -680,6 +1009,7 @@ def _number_blocks(streams: Iterable[list]) -> tuple[Block, ...]:
     blocks, uncompressed = [], 0
     for stream in streams:
         for offset, r, check in stream:
+            number = len(blocks) + 1
             blocks.append(
                 Block(
                     offset,
@@ -687,17 +1017,17 @@ def _number_blocks(streams: Iterable[list]) -> tuple[Block, ...]:
                     uncompressed,
                     r.uncompressed_size,
                     check,
-                    len(blocks) + 1,
+                    number,
                 )
             )
             uncompressed += r.uncompressed_size
     return tuple(blocks)
 
 
-def _pread_exact(fd: int, size: int, offset: int, name: str) -> bytes:
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
     data = os.pread(fd, size, offset)
     if len(data) != size:
-        raise XzError(f"{name}: truncated at offset {offset + len(data)}")
+        raise XzError(f"truncated at offset {offset + len(data)}")
     return data
 
 
@@ -711,13 +1041,12 @@ class BlockDecoder:
     The last WINDOW bytes produced are kept, so short steps back are free.
     """
 
-    CHUNK = 256 << 10
+    CHUNK = 256 * KiB
     WINDOW = 1 * MiB
 
-    def __init__(self, fd: int, block: Block, name: str) -> None:
-        self.fd, self.block, self.name = fd, block, name
+    def __init__(self, fd: int, block: Block) -> None:
+        self.fd, self.block = fd, block
         self.position = 0  # in the Block's uncompressed data
-        self.verified = False
         self._decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=DECODER_MEMLIMIT)
         index = create_index(
             [IndexRecord(block.unpadded_size, block.uncompressed_size)]
@@ -734,22 +1063,18 @@ class BlockDecoder:
             size = min(self.CHUNK, self.block.end - self._next_in)
             data = os.pread(self.fd, size, self._next_in)
             if len(data) != size:
-                raise XzError(
-                    f"{self.name}: truncated inside Block {self.block.number}"
-                )
+                raise self._fail("is cut off: the file is truncated")
             self._next_in += size
             return data
         if self._trailer:
             data, self._trailer = self._trailer, b""
             return data
-        raise XzError(
-            f"{self.name}: Block {self.block.number} ends before its data does"
-        )
+        raise self._fail("ends before its data does")
 
     def _fail(self, reason: str) -> XzError:
         where = f"Block {self.block.number} (at byte {self.block.offset})"
         return XzError(
-            f"{self.name}: {where} {reason}; the file is damaged, get a fresh copy"
+            f"{where} {reason}", hint="the file is damaged, get a fresh copy"
         )
 
     def read(self, size: int) -> bytes:
@@ -768,7 +1093,6 @@ class BlockDecoder:
             raise self._fail(f"is corrupt ({e})") from None
         if self.position != self.block.uncompressed_size:
             raise self._fail("holds another size than its Index record says")
-        self.verified = True
         return b""
 
     def _produced(self, out: bytes) -> bytes:
@@ -813,16 +1137,15 @@ class XzReader(io.RawIOBase):
         super().__init__()
         self._fd = -1  # close() may run for a half-made reader (IOBase.__del__)
         self.name = os.fsdecode(path)
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise XzError(f"{self.name}: cannot open: {e.strerror}") from None
+        self._fd = open_regular(path, "xz file")
         try:
             self.file_size = os.fstat(self._fd).st_size
-            self.layout = read_xz_layout(self._fd, self.file_size, self.name)
+            self.layout = read_xz_layout(self._fd, self.file_size)
+        except PackdebugError as e:
+            self.close()
+            raise e.at(self.name) from None
         except BaseException:
-            os.close(self._fd)
-            self._fd = -1
+            self.close()
             raise
         self.size = self.layout.uncompressed_size
         self.sequential = sequential
@@ -831,6 +1154,7 @@ class XzReader(io.RawIOBase):
         self.block_starts = [b.uncompressed_offset for b in self.layout.blocks]
         self._pos = 0
         self._decoder: BlockDecoder | None = None
+        self._verified_prefix = 0  # Blocks 1..this are verified
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -862,15 +1186,15 @@ class XzReader(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:
         """Read like a regular file: short only at the end of the data."""
         size = self.size - self._pos if size is None or size < 0 else size
-        data = self.pread(self._pos, size)
+        data = self.read_at(self._pos, size)
         self._pos += len(data)
         return data
 
-    def pread(self, offset: int, size: int) -> bytes:
+    def read_at(self, offset: int, size: int) -> bytes:
         """`size` bytes at `offset`, fewer only at the end of the data."""
         parts = []
         while size > 0:
-            data = self.read_at(offset, size)
+            data = self._read_in_block(offset, size)
             if not data:
                 break
             parts.append(data)
@@ -878,22 +1202,25 @@ class XzReader(io.RawIOBase):
             size -= len(data)
         return b"".join(parts)
 
-    def read_at(self, offset: int, size: int) -> bytes:
+    def _read_in_block(self, offset: int, size: int) -> bytes:
         """Up to `size` bytes at `offset`, from one Block at most."""
         if offset >= self.size or size <= 0:
             return b""
-        decoder = self._decoder_at(offset)
-        position = offset - decoder.block.uncompressed_offset
-        recent = decoder.recent(position, size)
-        if recent is not None:
-            return recent
-        before = decoder.position
-        decoder.skip(position - decoder.position)
-        data = decoder.read(size)
-        self.decoded += decoder.position - before
-        if decoder.position == decoder.block.uncompressed_size:
-            self._finish(decoder)
-        return data
+        try:
+            decoder = self._decoder_at(offset)
+            position = offset - decoder.block.uncompressed_offset
+            recent = decoder.recent(position, size)
+            if recent is not None:
+                return recent
+            before = decoder.position
+            decoder.skip(position - decoder.position)
+            data = decoder.read(size)
+            self.decoded += decoder.position - before
+            if decoder.position == decoder.block.uncompressed_size:
+                self._finish(decoder)
+            return data
+        except PackdebugError as e:
+            raise e.at(self.name) from None
 
     def _decoder_at(self, offset: int) -> BlockDecoder:
         index = bisect.bisect_right(self.block_starts, offset) - 1
@@ -905,7 +1232,7 @@ class XzReader(io.RawIOBase):
                 return current
         if self.sequential:
             self._finish_through(index)
-        self._decoder = BlockDecoder(self._fd, block, self.name)
+        self._decoder = BlockDecoder(self._fd, block)
         return self._decoder
 
     def _finish(self, decoder: BlockDecoder) -> None:
@@ -922,16 +1249,34 @@ class XzReader(io.RawIOBase):
             first = self._decoder.block.number
         for block in self.layout.blocks[first:index]:
             if block.number not in self.verified_blocks:
-                self._finish(BlockDecoder(self._fd, block, self.name))
+                self._finish(BlockDecoder(self._fd, block))
 
     def finish_block(self) -> None:
         """Decompress the rest of the current Block, verifying its check."""
         if self._decoder:
-            self._finish(self._decoder)
+            try:
+                self._finish(self._decoder)
+            except PackdebugError as e:
+                raise e.at(self.name) from None
 
     def verify_all(self) -> None:
         """Decompress every Block not yet verified to its end."""
-        self._finish_through(len(self.layout.blocks))
+        try:
+            self._finish_through(len(self.layout.blocks))
+        except PackdebugError as e:
+            raise e.at(self.name) from None
+
+    def verified_until(self) -> int:
+        """Uncompressed offset up to which every Block's check has passed."""
+        blocks = self.layout.blocks
+        while (
+            self._verified_prefix < len(blocks)
+            and blocks[self._verified_prefix].number in self.verified_blocks
+        ):
+            self._verified_prefix += 1
+        if self._verified_prefix == len(blocks):
+            return self.size
+        return blocks[self._verified_prefix].uncompressed_offset
 
 
 # ---------------------------------------------------------------------------
@@ -944,6 +1289,145 @@ _SKIPPED_KINDS = {
     stat.S_IFIFO: "FIFO",
     stat.S_IFSOCK: "socket",
 }
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    """An image-relative path, b"" being the image root."""
+    return parent + b"/" + name if parent else name
+
+
+def identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+class ImageTree:
+    """An image directory, opened once, walked without following any symlink.
+
+    Every directory below the root is opened relative to its parent's
+    descriptor with O_NOFOLLOW | O_DIRECTORY, and must be the directory
+    (device and inode) the scan saw: a directory swapped for a symlink or
+    another directory meanwhile stops the walk with UnsafeTreeError, so
+    nothing outside the image is read or removed.  The descriptors of the
+    current path are kept open (one per level), so walking a tree in order
+    opens each directory once.
+    """
+
+    def __init__(self, image) -> None:
+        self.image = os.fsencode(os.path.abspath(image))
+        try:
+            self.root_fd = os.open(
+                self.image, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            )
+        except OSError as e:
+            raise InputError(
+                f"cannot open the image: {e.strerror}", self.image
+            ) from None
+        self.seen: dict[bytes, tuple[int, int]] = {
+            b"": identity(os.fstat(self.root_fd))
+        }
+        self._open: list[tuple[bytes, int]] = []  # (path, fd), one per level
+
+    def close(self) -> None:
+        for _, fd in reversed(self._open):
+            os.close(fd)
+        self._open.clear()
+        os.close(self.root_fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def full(self, path: bytes) -> bytes:
+        """The absolute path, for messages."""
+        return join(self.image, path) if path else self.image
+
+    def lstat(self, path: bytes) -> os.stat_result | None:
+        """lstat of an entry, without following links on the way; None if missing."""
+        parent, _, name = path.rpartition(b"/")
+        try:
+            return os.stat(name, dir_fd=self.dir_fd(parent), follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise PackError(f"cannot stat: {e.strerror}", self.full(path)) from None
+
+    def dir_fd(self, path: bytes) -> int:
+        """Descriptor of the directory at `path`, opened beneath the root.
+
+        The directories kept open are checked again first: each must still
+        be, under its name, the directory the scan saw.
+        """
+        while self._open and not (path + b"/").startswith(self._open[-1][0] + b"/"):
+            os.close(self._open.pop()[1])
+        fd, done = self.root_fd, b""
+        for opened, opened_fd in self._open:
+            self._check_entry(fd, opened)
+            fd, done = opened_fd, opened
+        rest = path[len(done) :].strip(b"/")
+        for name in rest.split(b"/") if rest else ():
+            done = join(done, name)
+            fd = self._open_child(fd, done, name)
+            self._open.append((done, fd))
+        return fd
+
+    def _check_entry(self, parent_fd: int, path: bytes) -> None:
+        try:
+            st = os.stat(
+                os.path.basename(path), dir_fd=parent_fd, follow_symlinks=False
+            )
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            raise self._unsafe(path, "is no longer a directory (a symlink now?)")
+        if identity(st) != self.seen[path]:
+            raise self._unsafe(
+                path, "was replaced by another directory while packdebug ran"
+            )
+
+    def _unsafe(self, path: bytes, what: str) -> UnsafeTreeError:
+        return UnsafeTreeError(
+            f"{what}; stopped, nothing outside the image was touched", self.full(path)
+        )
+
+    def _open_child(self, parent_fd: int, path: bytes, name: bytes) -> int:
+        try:
+            fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise self._unsafe(
+                    path, "is no longer a directory (a symlink now?)"
+                ) from None
+            raise PackError(f"cannot open: {e.strerror}", self.full(path)) from None
+        seen = self.seen.setdefault(path, identity(os.fstat(fd)))
+        if identity(os.fstat(fd)) != seen:
+            os.close(fd)
+            raise self._unsafe(
+                path, "was replaced by another directory while packdebug ran"
+            )
+        return fd
+
+    def listdir(self, path: bytes) -> list[bytes]:
+        try:
+            return sorted(os.fsencode(n) for n in os.listdir(self.dir_fd(path)))
+        except OSError as e:
+            raise PackError(f"cannot list: {e.strerror}", self.full(path)) from None
+
+    def open_file(self, path: bytes, st: os.stat_result) -> int:
+        """Descriptor of the regular file at `path`, which must be the one scanned."""
+        parent, _, name = path.rpartition(b"/")
+        try:
+            fd = os.open(name, FILE_FLAGS, dir_fd=self.dir_fd(parent))
+        except OSError as e:
+            raise PackError(f"cannot open: {e.strerror}", self.full(path)) from None
+        if identity(os.fstat(fd)) != identity(st):
+            os.close(fd)
+            raise PackError("replaced while packing", self.full(path), "pack again")
+        os.set_blocking(fd, True)
+        return fd
 
 
 @dataclasses.dataclass
@@ -965,10 +1449,14 @@ class Member:
 class ImageScan:
     """What `pack` found under one image's debug trees."""
 
-    image: bytes
+    tree: ImageTree
     members: list[Member]
     children: dict[bytes, list[bytes]]  # every listed directory: its entries
-    skipped: list[tuple[bytes, str]]  # (path, kind) of entries tar cannot hold
+    skipped: list[tuple[bytes, str]]  # (path, why) of entries not packed
+
+    @property
+    def image(self) -> bytes:
+        return self.tree.image
 
     @property
     def files(self) -> list[Member]:
@@ -985,29 +1473,34 @@ def member_name(path: bytes) -> str:
 
 
 def reproducible_header(
-    path: bytes, st: os.stat_result, source_date_epoch: int | None
+    name: str, kind: int, mode: int, mtime: float, sde: int | None, size: int = 0
 ) -> tarfile.TarInfo:
-    """The tar header of one entry, independent of owner, umask and time of day.
+    """The one header policy, for pack and repack alike.
 
     Owner root:root, permission bits without setuid/setgid/sticky, integer
-    mtime clamped to SOURCE_DATE_EPOCH (reproducible-builds.org) when set.
+    mtime clamped to SOURCE_DATE_EPOCH (reproducible-builds.org) when set;
+    `kind` is a tarfile type (REGTYPE, DIRTYPE, SYMTYPE, LNKTYPE).
     """
-    info = tarfile.TarInfo(member_name(path))
-    info.mode = stat.S_IMODE(st.st_mode) & 0o777
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = stat.S_IMODE(mode) & 0o777
     info.uid = info.gid = 0
     info.uname = info.gname = "root"
-    mtime = int(st.st_mtime)
-    info.mtime = mtime if source_date_epoch is None else min(mtime, source_date_epoch)
-    if stat.S_ISDIR(st.st_mode):
-        info.type = tarfile.DIRTYPE
-    elif stat.S_ISLNK(st.st_mode):
-        info.type = tarfile.SYMTYPE
-    else:
-        info.size = st.st_size
+    info.mtime = int(mtime) if sde is None else min(int(mtime), sde)
+    info.size = size if kind == tarfile.REGTYPE else 0
     return info
 
 
-def _is_protected(path: bytes) -> bool:
+HEADER_FIELDS = ("mode", "uid", "gid", "uname", "gname", "mtime", "type")
+
+
+def _tar_type(mode: int) -> int:
+    if stat.S_ISDIR(mode):
+        return tarfile.DIRTYPE
+    return tarfile.SYMTYPE if stat.S_ISLNK(mode) else tarfile.REGTYPE
+
+
+def is_protected(path: bytes) -> bool:
     """True for usr/lib/debug/.tarball and every directory above it."""
     tarball_dir = TARBALL_DIR.encode()
     return path == tarball_dir or tarball_dir.startswith(path + b"/") or not path
@@ -1018,32 +1511,57 @@ def scan_image(image, source_date_epoch: int | None = None) -> ImageScan:
 
     usr/src/debug, then usr/lib/debug (without usr/lib/debug/.tarball), each
     depth-first with entries sorted by their bytes, so neither directory
-    read order nor locale changes the order.  Symlinks are never followed.
-    The second and later names of a hardlinked file become tar hardlinks.
+    read order nor locale changes the order.  No symlink is ever followed,
+    on the way to a tree or inside it: a tree reached through a symlink is
+    skipped and reported.  The second and later names of a hardlinked file
+    become tar hardlinks.
     """
-    image = os.fsencode(image)
-    scan = ImageScan(image, [], {}, [])
-    first_name: dict[tuple[int, int], str] = {}
-    for root in DEBUG_TREES:
-        root = root.encode()
-        if not os.path.lexists(os.path.join(image, root)):
-            continue
-        _list_ancestors(scan, root)
-        stack = [root]
-        while stack:
-            path = stack.pop()
-            member = _scan_entry(scan, path, source_date_epoch, first_name)
-            if member and member.info.isdir():
-                stack.extend(
-                    c
-                    for c in reversed(scan.children[path])
-                    if c != TARBALL_DIR.encode()
-                )
-    _date_directories([m.info for m in scan.members])
+    tree = ImageTree(image)
+    scan = ImageScan(tree, [], {}, [])
+    try:
+        first_name: dict[tuple[int, int], str] = {}
+        for root in DEBUG_TREES:
+            root = root.encode()
+            if not _reachable(scan, root):
+                continue
+            _list_ancestors(scan, root)
+            stack = [root]
+            while stack:
+                path = stack.pop()
+                member = _scan_entry(scan, path, source_date_epoch, first_name)
+                if member and member.info.isdir():
+                    stack.extend(
+                        c
+                        for c in reversed(scan.children[path])
+                        if c != TARBALL_DIR.encode()
+                    )
+        date_directories([m.info for m in scan.members])
+    except BaseException:
+        tree.close()
+        raise
     return scan
 
 
-def _date_directories(infos: Sequence[tarfile.TarInfo]) -> None:
+def _reachable(scan: ImageScan, root: bytes) -> bool:
+    """Whether the tree and its ancestors are real directories, no symlinks.
+
+    A missing tree is simply absent; one behind a symlink or a file is
+    recorded in scan.skipped and not followed.
+    """
+    parts = root.split(b"/")
+    for depth in range(1, len(parts) + 1):
+        path = b"/".join(parts[:depth])
+        st = scan.tree.lstat(path)
+        if st is None:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            if all(path != skipped for skipped, _ in scan.skipped):
+                scan.skipped.append((path, f"{file_kind(st.st_mode)}, not followed"))
+            return False
+    return True
+
+
+def date_directories(infos: Sequence[tarfile.TarInfo]) -> None:
     """Give each non-empty directory the newest mtime of what it holds.
 
     A directory's own mtime records when entries were added or removed,
@@ -1062,55 +1580,58 @@ def _date_directories(infos: Sequence[tarfile.TarInfo]) -> None:
 
 def _list_ancestors(scan: ImageScan, root: bytes) -> None:
     parent = os.path.dirname(root)
-    while parent and not _is_protected(parent):
-        scan.children[parent] = _list_dir(scan.image, parent)
+    while parent and not is_protected(parent):
+        scan.children[parent] = [join(parent, n) for n in scan.tree.listdir(parent)]
         parent = os.path.dirname(parent)
-
-
-def _list_dir(image: bytes, path: bytes) -> list[bytes]:
-    try:
-        names = sorted(os.listdir(os.path.join(image, path)))
-    except OSError as e:
-        raise PackError(
-            f"{os.fsdecode(os.path.join(image, path))}: cannot list: {e.strerror}"
-        ) from None
-    return [path + b"/" + name for name in names]
 
 
 def _scan_entry(
     scan: ImageScan, path: bytes, sde: int | None, first_name: dict
 ) -> Member | None:
-    full = os.path.join(scan.image, path)
-    try:
-        st = os.lstat(full)
-    except OSError as e:
-        raise PackError(f"{os.fsdecode(full)}: cannot stat: {e.strerror}") from None
+    st = scan.tree.lstat(path)
+    if st is None:
+        raise PackError("vanished while packdebug read the image", scan.tree.full(path))
     kind = _SKIPPED_KINDS.get(stat.S_IFMT(st.st_mode))
     if kind:
-        scan.skipped.append((path, kind))
+        scan.skipped.append((path, f"a {kind} cannot go in the tarball"))
         return None
-    member = Member(path, st, reproducible_header(path, st, sde))
-    if stat.S_ISDIR(st.st_mode):
-        scan.children[path] = _list_dir(scan.image, path)
-    elif stat.S_ISLNK(st.st_mode):
-        member.info.linkname = member_name(os.readlink(full))
-    elif st.st_nlink > 1 and (st.st_dev, st.st_ino) in first_name:
-        member.info.type = tarfile.LNKTYPE
-        member.info.linkname = first_name[(st.st_dev, st.st_ino)]
-        member.info.size = 0
+    name = member_name(path)
+    info = reproducible_header(
+        name, _tar_type(st.st_mode), st.st_mode, st.st_mtime, sde, st.st_size
+    )
+    member = Member(path, st, info)
+    if info.isdir():
+        scan.tree.seen.setdefault(path, identity(st))
+        scan.children[path] = [join(path, n) for n in scan.tree.listdir(path)]
+    elif info.issym():
+        parent, _, base = path.rpartition(b"/")
+        info.linkname = member_name(os.readlink(base, dir_fd=scan.tree.dir_fd(parent)))
+    elif st.st_nlink > 1 and identity(st) in first_name:
+        info.type = tarfile.LNKTYPE
+        info.linkname = first_name[identity(st)]
+        info.size = 0
     else:
-        first_name.setdefault((st.st_dev, st.st_ino), member.info.name)
-        if path.startswith(b"usr/lib/debug/"):
-            _read_debug_elf(member, full)
+        first_name.setdefault(identity(st), name)
+        if path.startswith(DEBUG_DIR.encode() + b"/"):
+            _read_debug_elf(scan.tree, member)
     scan.members.append(member)
     return member
 
 
-def _read_debug_elf(member: Member, full: bytes) -> None:
+def _read_debug_elf(tree: ImageTree, member: Member) -> None:
+    fd = tree.open_file(member.path, member.st)
     try:
-        member.elf = read_elf_file(full)
+        if os.pread(fd, 4, 0) == ELF_MAGIC:
+            member.elf = read_elf(
+                lambda offset, n: os.pread(fd, n, offset),
+                member.st.st_size,
+                tree.full(member.path),
+                sections=False,
+            )
     except ElfError as e:
         member.elf_error = str(e)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------
@@ -1118,21 +1639,56 @@ def _read_debug_elf(member: Member, full: bytes) -> None:
 # ---------------------------------------------------------------------------
 
 BLOCK_SIZE = 8 * MiB  # largest uncompressed Block; see README "Block layout"
+BLOCK_SIZE_MIN, BLOCK_SIZE_MAX = 256 * KiB, 512 * MiB
 LARGE_MEMBER = 1 * MiB  # members at least this big get Blocks of their own
-READ_CHUNK = 1 * MiB
 RECORD_SIZE = tarfile.RECORDSIZE  # GNU tar and tarfile pad archives to 10 KiB
+MEMORY_SHARE = 4  # -j uses at most 1/4 of the RAM, as xz -T's default limit
 
 
 @dataclasses.dataclass
 class PackOptions:
+    """How to compress: xz preset, threads, and the Block layout."""
+
     preset: int = 6
     jobs: int = 0  # 0: one per CPU
-    block_size: int = BLOCK_SIZE
+    block_size: int = 0  # 0: default_block_size(preset)
     large_member: int = LARGE_MEMBER
+    extreme: bool = False
+
+    def __post_init__(self) -> None:
+        self.block_size = self.block_size or default_block_size(self.preset)
 
     @property
-    def threads(self) -> int:
-        return self.jobs or available_cpus()
+    def lzma_preset(self) -> int:
+        return self.preset | (lzma.PRESET_EXTREME if self.extreme else 0)
+
+    def threads(self) -> tuple[int, str]:
+        """Threads to compress on, and what bounded them (for -v).
+
+        -j asks; the CPUs this process may run on and a memory budget (a
+        quarter of the RAM, for one encoder and two Blocks per thread) cap.
+        """
+        cpus = available_cpus()
+        per_job = PRESET_ENCODER_MEMORY[self.preset] + 2 * self.block_size
+        by_memory = max(1, physical_memory() // MEMORY_SHARE // per_job)
+        wanted = self.jobs or cpus
+        jobs = min(wanted, cpus, by_memory)
+        if jobs == wanted:
+            return jobs, f"{plural(jobs, 'thread')}"
+        limit = (
+            f"{plural(cpus, 'CPU')}"
+            if jobs == cpus
+            else (
+                f"{format_size(per_job)} per thread within a quarter of "
+                f"{format_size(physical_memory())} of RAM"
+            )
+        )
+        return jobs, f"{plural(jobs, 'thread')} (-j {wanted}, limited by {limit})"
+
+
+def default_block_size(preset: int) -> int:
+    """8 MiB, or the preset's dictionary if larger: -7 to -9 gain nothing otherwise."""
+    return max(BLOCK_SIZE, PRESET_DICT_SIZE[preset])
 
 
 def available_cpus() -> int:
@@ -1142,11 +1698,18 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 4 << 30
+
+
 def tar_blocks(
     entries: Iterable[tuple[tarfile.TarInfo, Callable[[], Iterable[bytes]]]],
     block_size: int = BLOCK_SIZE,
     large_member: int = LARGE_MEMBER,
-) -> Iterator[bytes]:
+) -> Iterator[bytearray]:
     """Lay a tar archive out as xz Block payloads.
 
     `entries` are (header, data) pairs, data() yielding exactly the member's
@@ -1166,7 +1729,7 @@ def tar_blocks(
     for info, data in entries:
         header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         size = info.size if info.type == tarfile.REGTYPE else 0
-        padded = _round_up(size, tarfile.BLOCKSIZE)
+        padded = round_up(size, tarfile.BLOCKSIZE)
         large = size >= large_member or len(header) + padded > block_size
         if block and (large or len(block) + len(header) + padded > block_size):
             yield block
@@ -1188,37 +1751,14 @@ def tar_blocks(
     if block:
         yield block
     end = bytes(2 * tarfile.BLOCKSIZE)
-    yield end + bytes(-(offset + len(end)) % RECORD_SIZE)
-
-
-def _file_data(image: bytes, member: Member) -> Iterator[bytes]:
-    """A regular file's bytes; it must not change while it is packed."""
-    full = os.path.join(image, member.path)
-    name = os.fsdecode(full)
-    try:
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise PackError(f"{name}: cannot open: {e.strerror}") from None
-    with open(fd, "rb", buffering=0) as f:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (member.st.st_dev, member.st.st_ino):
-            raise PackError(f"{name}: replaced while packing; pack again")
-        left = member.info.size
-        while left:
-            chunk = f.read(min(READ_CHUNK, left))
-            if not chunk:
-                raise PackError(f"{name}: shrank while packing; pack again")
-            left -= len(chunk)
-            yield chunk
-        if f.read(1):
-            raise PackError(f"{name}: grew while packing; pack again")
+    yield bytearray(end + bytes(-(offset + len(end)) % RECORD_SIZE))
 
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
 LARGE_PAYLOAD = 4 * MiB
 
 
-def _mmap_large_buffers() -> bool:
+def _mmap_large_buffers() -> None:
     """Have glibc mmap every buffer from 1 MiB up, so that freed ones go back at once.
 
     glibc's mmap threshold grows with each large buffer freed; after that,
@@ -1234,12 +1774,68 @@ def _mmap_large_buffers() -> bool:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MiB)
     except (OSError, AttributeError):
         pass
-    return True
+
+
+class _CompressJob:
+    """One Block to compress, and, once `done` is set, its result or error."""
+
+    __slots__ = ("done", "error", "payload", "result")
+
+    def __init__(self, payload) -> None:
+        self.payload = payload
+        self.done = threading.Event()
+        self.result = self.error = None
+
+
+class BlockCompressor:
+    """Compresses Blocks on `jobs` daemon threads.
+
+    Daemon threads, not a ThreadPoolExecutor: on Ctrl-C or SIGTERM the
+    program must answer at once, and an executor's threads would be
+    joined at exit, each finishing its Block first (tens of seconds for
+    large Blocks on a loaded machine).  Queued Blocks are dropped.
+    """
+
+    def __init__(self, jobs: int, preset: int) -> None:
+        self.preset = preset
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False
+        self.workers = [
+            threading.Thread(target=self._work, name="packdebug-xz", daemon=True)
+            for _ in range(jobs)
+        ]
+        for worker in self.workers:
+            worker.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self.tasks.get()
+            if job is None:
+                return
+            try:
+                if not self.cancelled:
+                    job.result = compress_block(job.payload, self.preset)
+            except BaseException as e:  # noqa: BLE001 (handed to the main thread)
+                job.error = e
+            finally:
+                job.payload = None
+                job.done.set()
+
+    def submit(self, payload) -> _CompressJob:
+        job = _CompressJob(payload)
+        self.tasks.put(job)
+        return job
+
+    def close(self) -> None:
+        """Stop: queued Blocks are skipped, running ones finish on their own."""
+        self.cancelled = True
+        for _ in self.workers:
+            self.tasks.put(None)
 
 
 def compress_blocks(
-    payloads: Iterable[bytes], preset: int, jobs: int
-) -> Iterator[tuple[bytes, IndexRecord, int]]:
+    payloads: Iterable[bytearray], preset: int, jobs: int
+) -> Iterator[tuple[memoryview, IndexRecord, int]]:
     """Compress Blocks on `jobs` threads; yield (Block, record, input size) in order.
 
     At most 2 x jobs payloads are in flight (2 with one job), so memory
@@ -1248,101 +1844,231 @@ def compress_blocks(
     the next one queued instead of waiting for the oldest to be written.
     """
     limit = 2 if jobs == 1 else 2 * jobs
-    pool = concurrent.futures.ThreadPoolExecutor(
-        max_workers=jobs, thread_name_prefix="packdebug-xz"
-    )
-    pending: list[tuple[concurrent.futures.Future, int]] = []
+    compressor = BlockCompressor(jobs, preset)
+    pending: collections.deque = collections.deque()
     tuned = False
     try:
         for payload in payloads:
             if not tuned and len(payload) >= LARGE_PAYLOAD:
-                tuned = _mmap_large_buffers()
-            pending.append((pool.submit(compress_block, payload, preset), len(payload)))
+                _mmap_large_buffers()
+                tuned = True
+            pending.append((compressor.submit(payload), len(payload)))
             while len(pending) >= limit:
-                future, size = pending.pop(0)
-                yield (*future.result(), size)
-        for future, size in pending:
-            yield (*future.result(), size)
+                yield _result(*pending.popleft())
+        while pending:
+            yield _result(*pending.popleft())
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        compressor.close()
 
 
-def _make_parents(path: str) -> list[str]:
-    """Create missing parent directories 0755 (as install -d); return them."""
-    created = []
-    parent = os.path.dirname(path)
-    while not os.path.isdir(parent):
-        created.append(parent)
-        parent = os.path.dirname(parent)
-    for directory in reversed(created):
-        try:
-            os.mkdir(directory)
-            os.chmod(directory, 0o755)
-        except OSError as e:
-            _remove_dirs(created)
-            raise PackError(f"{directory}: cannot create: {e.strerror}") from None
-    return created
+def _result(job: _CompressJob, size: int) -> tuple[memoryview, IndexRecord, int]:
+    job.done.wait()
+    if job.error is not None:
+        raise job.error
+    return (*job.result, size)
 
 
-def _remove_dirs(created: list[str]) -> None:
-    for directory in created:  # deepest first
+class Progress:
+    """One self-updating line on a terminal: bytes read and written, rate, ETA.
+
+    Drawn from the first read on, then at most every INTERVAL seconds.
+    """
+
+    INTERVAL = 0.5  # seconds between redraws
+
+    def __init__(self, total: int, stream) -> None:
+        self.total, self.stream = max(total, 1), stream
+        self.start = time.monotonic()
+        self.last = self.start - self.INTERVAL
+        self.done = self.written = 0
+        self.drawn = False
+
+    def read(self, size: int) -> None:
+        self.done += size
+        self._draw()
+
+    def wrote(self, total: int) -> None:
+        self.written = total
+        self._draw()
+
+    def _draw(self) -> None:
+        now = time.monotonic()
+        if now - self.last < self.INTERVAL:
+            return
+        self.last, elapsed = now, now - self.start
+        rate = self.done / elapsed if elapsed > 0.05 else 0
+        eta = (self.total - min(self.done, self.total)) / rate if rate else 0
+        percent = min(100, 100 * self.done // self.total)
+        eta_text = f"{int(eta) // 60}:{int(eta) % 60:02d}" if rate else "-:--"
         with contextlib.suppress(OSError):
-            os.rmdir(directory)
+            self.stream.write(
+                f"\r{percent:3d}%  {format_size(self.done)} read, "
+                f"{format_size(self.written)} written, {format_size(rate)}/s, "
+                f"ETA {eta_text}\x1b[K"
+            )
+            self.stream.flush()
+        self.drawn = True
+
+    def clear(self) -> None:
+        if self.drawn:
+            with contextlib.suppress(OSError):
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+
+
+def progress_line(log: Log, total: int) -> Progress | None:
+    """A progress line when stderr is a terminal and not -q; none in logs."""
+    # Portage runs phases on a pty: no progress line in a build log.
+    if log.verbosity < 0 or not log.err.isatty() or os.environ.get("EBUILD_PHASE"):
+        return None
+    return Progress(total, log.err)
+
+
+@dataclasses.dataclass
+class OutputTarget:
+    """Where an output file goes: a directory, opened safely, and a name."""
+
+    directory: str  # for messages, and for the checks that reopen the file
+    name: str
+    root_fd: int = -1  # with `parts`: create the directory beneath this
+    parts: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, self.name)
+
+    @classmethod
+    def at(cls, path: str, beneath: ImageTree | None = None) -> OutputTarget:
+        """A target at `path`; inside the image, every directory is made beneath it."""
+        path = os.path.abspath(path)
+        directory, name = os.path.split(path)
+        if beneath is not None:
+            image = os.fsdecode(beneath.image)
+            inside = os.path.relpath(directory, image)
+            if inside == "." or not inside.startswith(".."):
+                parts = () if inside == "." else tuple(inside.split("/"))
+                return cls(directory, name, beneath.root_fd, parts)
+        return cls(directory, name)
+
+    def open_directory(self, created: list) -> int:
+        """The directory's descriptor, created (0755) where missing."""
+        try:
+            if self.root_fd >= 0:
+                return open_beneath(
+                    self.root_fd, self.parts, create=True, created=created
+                )
+            return _make_directory(self.directory, created)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise OutputError(
+                    "is reached through a symlink or a file inside the image; "
+                    "refusing to write there",
+                    self.directory,
+                ) from None
+            raise OutputError(f"cannot create: {e.strerror}", self.directory) from None
+
+    def undo(self, created: list) -> None:
+        if self.root_fd >= 0:
+            remove_beneath(self.root_fd, created)
+        else:
+            for directory in created:  # deepest first
+                with contextlib.suppress(OSError):
+                    os.rmdir(directory)
+
+
+def _make_directory(directory: str, created: list) -> int:
+    """Open `directory`, creating it and missing parents (install -d)."""
+    missing = []
+    parent = directory
+    while not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o755)
+            os.chmod(path, 0o755)
+            created.insert(0, path)
+    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 @contextlib.contextmanager
-def atomic_output(path: str, mode: int = 0o644) -> Iterator[io.BufferedIOBase]:
-    """A file that appears at `path` complete and fsynced, or not at all.
+def atomic_output(
+    target: OutputTarget, mode: int = 0o644, check: Callable[[str], None] | None = None
+) -> Iterator[io.BufferedWriter]:
+    """A file that appears at the target complete and fsynced, or not at all.
 
-    The data goes to a hidden ".NAME.XXXXXXXX.tmp" beside `path` (never
-    matching *-debug.tar.xz, so neither debuginfod nor prune looks at it),
-    which is renamed over `path` at the end and removed on any failure,
-    SIGINT or SIGTERM.  A previous file at `path` stays intact until then.
+    The data goes to a hidden ".NAME.XXXXXXXX.tmp" in the target's
+    directory (never matching *-debug.tar.xz, so neither debuginfod nor
+    prune looks at it); `check`, if given, examines it by path; then it is
+    renamed over the name, and the directory fsynced.  Any error, SIGINT or
+    SIGTERM removes it, and the directories made for it; a previous file at
+    the target stays intact until the rename.
     """
-    directory = os.path.dirname(path) or "."
-    fd, temp = _create_temporary(directory, os.path.basename(path))
+    created: list = []
+    dir_fd, temp = _create_temporary(target, created)
+    done = False
     try:
-        with open(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        os.replace(temp, path)
-    except OSError as e:
-        raise PackError(f"{path}: cannot write: {e.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-    _fsync_dir(directory)
-
-
-def _create_temporary(directory: str, name: str) -> tuple[int, str]:
-    for attempt in range(100):
-        temp = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.tmp")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            return os.open(temp, flags, 0o600), temp
-        except FileExistsError:
-            continue
-        except FileNotFoundError:
-            if attempt > 3:
-                raise PackError(
-                    f"{directory}: keeps vanishing; is a prune running beside?"
-                ) from None
-            _make_parents(os.path.join(directory, name))  # a prune removed it as empty
+            fd = os.open(
+                temp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+            )
+            with open(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fchmod(fd, mode)
+                os.fsync(fd)
+            if check:
+                check(os.path.join(target.directory, temp))
+            os.replace(temp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            done = True
+            os.fsync(dir_fd)
         except OSError as e:
-            raise PackError(
-                f"{directory}: cannot create a file there: {e.strerror}"
-            ) from None
-    raise PackError(f"{directory}: no free temporary name")
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
+            raise OutputError(f"cannot write: {e.strerror}", target.path) from None
     finally:
-        os.close(fd)
+        if not done:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=dir_fd)
+        os.close(dir_fd)
+        if not done:
+            target.undo(created)
+
+
+def _create_temporary(target: OutputTarget, created: list) -> tuple[int, str]:
+    """(directory descriptor, name) of a new empty temporary file beside the target.
+
+    A prune beside may remove the directory as empty between its creation
+    and the temporary file's: then it is made again, a few times.
+    """
+    for _attempt in range(5):
+        dir_fd = target.open_directory(created)
+        for _ in range(100):
+            temp = f".{target.name}.{os.urandom(4).hex()}.tmp"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                os.close(os.open(temp, flags, 0o600, dir_fd=dir_fd))
+                return dir_fd, temp
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                if os.fstat(dir_fd).st_nlink:  # not removed: the file system says no
+                    os.close(dir_fd)
+                    raise OutputError(
+                        "cannot create files there (No such file or directory); "
+                        "is it a real file system?",
+                        target.directory,
+                    ) from None
+                break  # removed meanwhile: make it again
+            except OSError as e:
+                os.close(dir_fd)
+                raise OutputError(
+                    f"cannot create a file there: {e.strerror}", target.directory
+                ) from None
+        os.close(dir_fd)
+    raise OutputError(
+        "was removed again and again while packdebug wrote to it; "
+        "is a prune running beside?",
+        target.directory,
+    )
 
 
 @dataclasses.dataclass
@@ -1351,46 +2077,73 @@ class PackResult:
     size: int = 0  # of the tarball
     tar_size: int = 0  # uncompressed
     blocks: int = 0
-
-
-ProgressFn = Callable[[int, int], None]  # (tar bytes in, xz bytes out)
+    files: int = 0
+    data_size: int = 0
+    removed: tuple[int, int] = (0, 0)  # files, directories
 
 
 def write_blocks(
-    payloads: Iterable[bytes],
-    output: str,
+    payloads: Iterable[bytearray],
+    target: OutputTarget,
     options: PackOptions,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
+    check: Callable[[str], None] | None = None,
 ) -> PackResult:
-    """Compress Block payloads into one xz stream at `output`, atomically."""
-    result = PackResult(output)
-    with atomic_output(output) as f:
+    """Compress Block payloads into one xz stream at the target, atomically."""
+    result = PackResult(target.path)
+    jobs, _ = options.threads()
+    with atomic_output(target, check=check) as f:
         writer = XzStreamWriter(f)
-        blocks = compress_blocks(payloads, options.preset, options.threads)
+        blocks = compress_blocks(payloads, options.lzma_preset, jobs)
         with contextlib.closing(blocks):
             for block, record, size in blocks:
                 writer.write_block(block, record)
                 result.tar_size += size
                 if progress:
-                    progress(result.tar_size, writer.size)
+                    progress.wrote(writer.size)
         writer.close()
     result.size, result.blocks = writer.size, len(writer.records)
     return result
 
 
+def _file_data(
+    tree: ImageTree, member: Member, progress: Progress | None
+) -> Iterator[bytes]:
+    """A regular file's bytes; it must not change while it is packed."""
+    fd = tree.open_file(member.path, member.st)
+    name = tree.full(member.path)
+    try:
+        left = member.info.size
+        while left:
+            chunk = os.read(fd, min(READ_CHUNK, left))
+            if not chunk:
+                raise PackError("shrank while packing", name, "pack again")
+            left -= len(chunk)
+            if progress:
+                progress.read(len(chunk))
+            yield chunk
+        if os.read(fd, 1):
+            raise PackError("grew while packing", name, "pack again")
+    except OSError as e:
+        raise PackError(f"cannot read: {e.strerror}", name) from None
+    finally:
+        os.close(fd)
+
+
 def write_tarball(
     scan: ImageScan,
-    output: str,
+    target: OutputTarget,
     options: PackOptions,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> PackResult:
-    """Write the scan's tarball to `output` atomically; return what was written."""
+    """Write the scan's tarball to the target atomically; return what was written."""
     entries = (
-        (m.info, functools.partial(_file_data, scan.image, m)) for m in scan.members
+        (m.info, functools.partial(_file_data, scan.tree, m, progress))
+        for m in scan.members
     )
     return write_blocks(
         tar_blocks(entries, options.block_size, options.large_member),
-        output,
+        target,
         options,
         progress,
     )
@@ -1411,41 +2164,400 @@ def removal_plan(scan: ImageScan) -> tuple[list[Member], list[bytes]]:
     candidates += [p for p in scan.children if p not in going and p not in candidates]
     for path in sorted(candidates, key=lambda p: -p.count(b"/")):
         entries = scan.children.get(path, [])
-        if entries and not _is_protected(path) and all(e in going for e in entries):
+        if entries and not is_protected(path) and all(e in going for e in entries):
             going.add(path)
             dirs.append(path)
     return files, dirs
 
 
 def remove_packed(scan: ImageScan, log: Log) -> tuple[int, int]:
-    """Delete what removal_plan lists; a file changed since packing stays."""
+    """Delete what removal_plan lists; a file changed since packing stays.
+
+    Every unlink and rmdir is made relative to a directory opened beneath
+    the image without following links and checked to be the one scanned
+    (ImageTree), so nothing outside the image can be removed, even if a
+    directory is swapped for a symlink meanwhile: that stops the removal.
+    """
     files, dirs = removal_plan(scan)
+    tree = scan.tree
     removed_files = removed_dirs = 0
     for member in files:
-        full = os.path.join(scan.image, member.path)
+        parent, _, name = member.path.rpartition(b"/")
+        st = tree.lstat(member.path)
+        if st is None or (st.st_ino, st.st_size, st.st_mtime_ns) != (
+            member.st.st_ino,
+            member.st.st_size,
+            member.st.st_mtime_ns,
+        ):
+            log.warning(
+                f"{shown(tree.full(member.path))}: changed since it was packed; kept"
+            )
+            continue
         try:
-            st = os.lstat(full)
-            if (st.st_ino, st.st_size, st.st_mtime_ns) != (
-                member.st.st_ino,
-                member.st.st_size,
-                member.st.st_mtime_ns,
-            ):
-                log.warning(f"{os.fsdecode(full)}: changed since it was packed; kept")
-                continue
-            os.unlink(full)
+            os.unlink(name, dir_fd=tree.dir_fd(parent))
             removed_files += 1
         except OSError as e:
-            log.warning(f"{os.fsdecode(full)}: cannot remove: {e.strerror}")
+            log.warning(f"{shown(tree.full(member.path))}: cannot remove: {e.strerror}")
     for path in dirs:
+        parent, _, name = path.rpartition(b"/")
+        st = tree.lstat(path)
+        if st is None or identity(st) != tree.seen.get(path):
+            continue  # gone, or another directory now: not ours to remove
         try:
-            os.rmdir(os.path.join(scan.image, path))
+            os.rmdir(name, dir_fd=tree.dir_fd(parent))
             removed_dirs += 1
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                log.warning(
-                    f"{os.fsdecode(os.path.join(scan.image, path))}: cannot remove: {e.strerror}"
-                )
+                log.warning(f"{shown(tree.full(path))}: cannot remove: {e.strerror}")
     return removed_files, removed_dirs
+
+
+# Packing one image: the request, as Portage's environment or flags give it.
+
+_PORTAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9+_.-]*")  # PMS 3.1.1, 3.1.2
+
+
+@dataclasses.dataclass
+class PackRequest:
+    """One image to pack, and where: what a Portage phase hook knows."""
+
+    image: str  # ${ED}
+    category: str | None = None
+    pn: str | None = None
+    pf: str | None = None
+    build_id: str | None = None  # Portage's BUILD_ID, a number
+    build_info: str | None = None  # ${PORTAGE_BUILDDIR}/build-info, for BUILD_ID
+    output: str | None = None  # instead of the .tarball path
+    remove_packed: bool = False
+    dry_run: bool = False
+    strict: bool = False
+    source_date_epoch: int | None = None
+    install_mask: str = ""  # INSTALL_MASK, to explain an image without debug info
+    from_binary: bool = False  # EMERGE_FROM=binary: no debug info is expected
+
+
+def request_from_environment(
+    environ: Mapping[str, str], flags: Mapping[str, object] | None = None
+) -> PackRequest:
+    """A PackRequest from Portage's variables, each overridden by its flag.
+
+    Pure: it reads nothing but its arguments, and raises UsageError for a
+    missing or malformed input, naming the variable and the flag.  `flags`
+    may hold image, eprefix, category, pn, pf, build_id, output,
+    remove_packed, dry_run and strict.
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    request = PackRequest(
+        _image_from(environ, flags),
+        remove_packed=bool(flags.get("remove_packed")),
+        dry_run=bool(flags.get("dry_run")),
+        strict=bool(flags.get("strict")),
+        source_date_epoch=_source_date_epoch(environ),
+        install_mask=environ.get("INSTALL_MASK", ""),
+        from_binary=environ.get("EMERGE_FROM") == "binary",
+    )
+    request.build_id = (
+        str(flags.get("build_id") or environ.get("BUILD_ID") or "") or None
+    )
+    if request.build_id is not None and not request.build_id.isdigit():
+        raise UsageError(
+            f"BUILD_ID {request.build_id!r} is not a number, as Portage's are",
+            hint="--build-id takes Portage's binary package number, not an ELF build-id",
+        )
+    if environ.get("PORTAGE_BUILDDIR"):
+        request.build_info = os.path.join(environ["PORTAGE_BUILDDIR"], "build-info")
+    if flags.get("output"):
+        request.output = os.path.abspath(str(flags["output"]))
+        return request
+    for var in ("CATEGORY", "PN", "PF"):
+        setattr(request, var.lower(), _portage_name(var, flags, environ))
+    if not request.pf.startswith(request.pn + "-"):
+        raise UsageError(
+            f"PF {request.pf!r} does not start with PN {request.pn!r} and a '-'",
+            hint="check --pn and --pf (PF is PN-VERSION, e.g. hello-1.0)",
+        )
+    return request
+
+
+def _image_from(environ: Mapping[str, str], flags: Mapping[str, object]) -> str:
+    eprefix = str(flags.get("eprefix", environ.get("EPREFIX", "")))
+    if flags.get("image"):
+        image = str(flags["image"])
+        return os.path.join(image, eprefix.lstrip("/")) if eprefix.strip("/") else image
+    if environ.get("ED"):
+        return environ["ED"]
+    if environ.get("D"):
+        return (
+            os.path.join(environ["D"], eprefix.lstrip("/"))
+            if eprefix.strip("/")
+            else environ["D"]
+        )
+    raise UsageError(
+        "no image: ED (or D and EPREFIX) is not set",
+        hint="run from a Portage phase hook, or pass --image",
+    )
+
+
+def _portage_name(
+    var: str, flags: Mapping[str, object], environ: Mapping[str, str]
+) -> str:
+    value = str(flags.get(var.lower()) or environ.get(var) or "")
+    flag = PORTAGE_INPUTS[var]
+    if not value:
+        raise UsageError(
+            f"{var} is not set", hint=f"run from a Portage phase hook, or pass {flag}"
+        )
+    if not _PORTAGE_NAME.fullmatch(value):
+        raise UsageError(
+            f"{var} {value!r} is not a valid Portage name", hint=f"check {flag}"
+        )
+    return value
+
+
+def _source_date_epoch(environ: Mapping[str, str]) -> int | None:
+    value = environ.get("SOURCE_DATE_EPOCH", "")
+    if value == "":
+        return None
+    if not value.isdigit():
+        raise UsageError(
+            f"SOURCE_DATE_EPOCH={value!r} is not a whole number of seconds"
+        )
+    return int(value)
+
+
+def tarball_name(pf: str, build_id: str | None) -> str:
+    """${PF}-${BUILD_ID}-debug.tar.xz, or ${PF}-debug.tar.xz without a BUILD_ID."""
+    return f"{pf}-{build_id}{TARBALL_SUFFIX}" if build_id else pf + TARBALL_SUFFIX
+
+
+def build_id_from_build_info(build_info: str | None) -> str | None:
+    """BUILD_ID as the package phase saves it with binpkg-multi-instance."""
+    if not build_info:
+        return None
+    path = os.path.join(build_info, "BUILD_ID")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read: {getattr(e, 'strerror', e)}", path) from None
+    if value and not value.isdigit():
+        raise UsageError(f"BUILD_ID {value!r} is not a number, as Portage's are", path)
+    return value or None
+
+
+def check_image(image: str) -> None:
+    """The image must be a directory."""
+    try:
+        st = os.stat(image)
+    except FileNotFoundError:
+        raise UsageError(
+            "the image directory does not exist", image, "check ED or --image"
+        ) from None
+    except NotADirectoryError:
+        raise UsageError(
+            "is not a directory: a file is on its path", image, "check ED or --image"
+        ) from None
+    except OSError as e:
+        raise UsageError(f"cannot reach the image: {e.strerror}", image) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(
+            f"is {file_kind(st.st_mode)}, not a directory: --image takes the "
+            "image root, the directory that holds usr/",
+            image,
+        )
+
+
+def target_of(request: PackRequest, tree: ImageTree) -> OutputTarget:
+    """Where the tarball goes: --output, else the .tarball path in the image."""
+    if request.output:
+        inside = os.path.relpath(request.output, os.fsdecode(tree.image))
+        for name in DEBUG_TREES:
+            if (inside + "/").startswith(name + "/") and not inside.startswith(
+                TARBALL_DIR + "/"
+            ):
+                raise UsageError(
+                    f"--output inside {name} would be packed next time",
+                    request.output,
+                    f"put it under {TARBALL_DIR}",
+                )
+        return OutputTarget.at(request.output, tree)
+    path = os.path.join(
+        os.fsdecode(tree.image),
+        TARBALL_DIR,
+        request.category,
+        request.pn,
+        tarball_name(request.pf, request.build_id),
+    )
+    return OutputTarget.at(path, tree)
+
+
+def _debug_tree_hint(image: str) -> str:
+    """A hint when the image given looks like a debug tree itself."""
+    for inside, what in (
+        (".build-id", "a usr/lib/debug tree"),
+        ("debug/.build-id", "a usr/lib tree"),
+        ("lib/debug", "a usr tree"),
+        ("src/debug", "a usr tree"),
+    ):
+        if os.path.isdir(os.path.join(image, inside)):
+            return (
+                f"; {shown(image)} looks like {what} itself: --image takes the image "
+                f"root, the directory that holds {DEBUG_DIR}"
+            )
+    return ""
+
+
+def _install_mask_hint(request: PackRequest) -> str:
+    masked = [
+        p
+        for p in request.install_mask.split()
+        if p.rstrip("/*") in ("/" + DEBUG_DIR, "/" + SOURCE_DIR)
+    ]
+    return (
+        " INSTALL_MASK removed them before pkg_preinst ("
+        + " ".join(masked)
+        + "); keep debug info out of INSTALL_MASK and pack with --remove-packed instead"
+        if masked
+        else ""
+    )
+
+
+def pack(request: PackRequest, options: PackOptions, log: Log) -> PackResult | None:
+    """Pack one image's debug trees; the one entry point of `packdebug pack`.
+
+    Returns what was written, or None when there was nothing to pack or on
+    a dry run.
+    """
+    check_image(request.image)
+    if request.build_id is None:
+        request.build_id = build_id_from_build_info(request.build_info)
+    scan = scan_image(request.image, request.source_date_epoch)
+    try:
+        target = target_of(request, scan.tree)
+        if not target.name.endswith(TARBALL_SUFFIX):
+            log.warning(
+                f"{shown(target.path)}: debuginfod (-Z .tar.xz) and prune only see "
+                f"*{TARBALL_SUFFIX} files; name the tarball so"
+            )
+        return _pack_scan(request, options, log, scan, target)
+    finally:
+        scan.tree.close()
+
+
+def _pack_scan(
+    request: PackRequest,
+    options: PackOptions,
+    log: Log,
+    scan: ImageScan,
+    target: OutputTarget,
+) -> PackResult | None:
+    for path, why in scan.skipped:
+        log.warning(f"{shown(scan.tree.full(path))}: skipped, {why}")
+    if not scan.files:
+        _nothing_to_pack(request, log)
+        return None
+    _check_build_ids(scan, request.strict, log)
+    _, how = options.threads()
+    log.detail(
+        f"compressing on {how}, xz -{options.preset}{'e' * options.extreme}, "
+        f"blocks of up to {format_size(options.block_size)}"
+    )
+    if request.dry_run:
+        _pack_dry_run(scan, target, request, log)
+        return None
+    progress = progress_line(log, scan.data_size)
+    try:
+        result = write_tarball(scan, target, options, progress)
+    finally:
+        if progress:
+            progress.clear()
+    result.files, result.data_size = len(scan.files), scan.data_size
+    _report_pack(scan, result, request, log)
+    if request.remove_packed:
+        result.removed = remove_packed(scan, log)
+        log.detail(
+            f"removed {plural(result.removed[0], 'packed file')} and "
+            f"{plural(result.removed[1], 'emptied directory', 'emptied directories')}"
+        )
+    return result
+
+
+def _nothing_to_pack(request: PackRequest, log: Log) -> None:
+    trees = " or ".join(DEBUG_TREES)
+    masked = _install_mask_hint(request)
+    if masked and not request.from_binary:
+        log.warning(
+            f"nothing to pack: {shown(request.image)} has no files under {trees}.{masked}"
+        )
+        return
+    hint = _debug_tree_hint(request.image)
+    if hint:
+        raise UsageError(f"nothing to pack under {trees}{hint}", request.image)
+    if not request.from_binary:  # from a binpkg, no debug info is expected
+        log.info(
+            f"packdebug: nothing to pack: {shown(request.image)} has no files under {trees}"
+        )
+
+
+def _check_build_ids(scan: ImageScan, strict: bool, log: Log) -> None:
+    bad = []
+    for m in scan.members:
+        full = shown(scan.tree.full(m.path))
+        if m.elf_error:
+            bad.append(f"{m.elf_error}: debuginfod cannot index it")
+        elif m.elf is not None and not m.elf.build_id:
+            bad.append(
+                f"{full}: debug ELF without a build-id: debuginfod cannot serve it "
+                "(build with -Wl,--build-id)"
+            )
+    if bad and strict:
+        raise PackError("\n  ".join(["--strict: refusing to pack:", *bad]))
+    for message in bad:
+        log.warning(message)
+
+
+def _pack_dry_run(
+    scan: ImageScan, target: OutputTarget, request: PackRequest, log: Log
+) -> None:
+    log.info(
+        f"would pack {plural(len(scan.files), 'file')} ({format_size(scan.data_size)}) "
+        f"into {shown(target.path)}"
+    )
+    for m in scan.members:
+        log.detail(f"  {shown(m.info.name)}")
+    if request.remove_packed:
+        files, dirs = removal_plan(scan)
+        for path in [m.path for m in files] + dirs:
+            log.info(f"would remove {shown(scan.tree.full(path))}")
+
+
+def _report_pack(
+    scan: ImageScan, result: PackResult, request: PackRequest, log: Log
+) -> None:
+    """-v: each file; otherwise one line, as a build log wants it."""
+    for m in scan.members:
+        if not m.info.isdir():
+            build_id = f"  {m.elf.build_id}" if m.elf and m.elf.build_id else ""
+            log.detail(f"  {shown(m.info.name)}  {format_size(m.info.size)}{build_id}")
+    elf = [m for m in scan.members if m.is_debug_elf]
+    with_id = sum(1 for m in elf if m.elf and m.elf.build_id)
+    where = result.output
+    image = os.fsdecode(scan.image)
+    if not request.output and where.startswith(image + "/"):
+        where = where[len(image) :]  # as installed: /usr/lib/debug/.tarball/...
+    note = (
+        ""
+        if request.build_id or request.output
+        else " (no BUILD_ID: FEATURES=binpkg-multi-instance is off, or no binpkg was built)"
+    )
+    log.info(
+        f"packdebug: packed {plural(len(scan.files), 'file')} "
+        f"({format_size(scan.data_size)}; {with_id} of {plural(len(elf), 'debug ELF', 'debug ELF')} "
+        f"with a build-id) into {shown(where)}: {format_size(result.size)} in "
+        f"{plural(result.blocks, 'xz block')}{note}"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -1454,28 +2566,10 @@ def remove_packed(scan: ImageScan, log: Log) -> tuple[int, int]:
 
 PAX_LIMIT = 1 * MiB  # a pax or GNU long-name header larger than this is hostile
 LINK_DEPTH = 40  # symlink hops, as the kernel's ELOOP limit
-
-
-def name_problems(name: str) -> list[str]:
-    """Why a member name is not clean, as packdebug writes names."""
-    problems = []
-    if name.startswith("/"):
-        problems.append("absolute path")
-    parts = name.rstrip("/").split("/")
-    if ".." in parts:
-        problems.append("'..' component")
-    if name.startswith("./"):
-        problems.append("leading './'")
-    elif "." in parts:
-        problems.append("'.' component")
-    if "//" in name.lstrip("/"):
-        problems.append("'//'")
-    return problems
-
-
-def normalize_name(name: str) -> str:
-    """A member name as debuginfod and tar resolve it: no '.', '', or '/'."""
-    return "/".join(p for p in name.split("/") if p not in ("", "."))
+PATH_MAX = 4096  # <linux/limits.h>, with its terminating NUL
+BUILD_ID_LINK = re.compile(
+    re.escape(BUILD_ID_DIR) + r"/([0-9a-f]{2})/([0-9a-f]+)\.debug"
+)
 
 
 def canonical_key(name: str) -> tuple[int, tuple[bytes, ...]]:
@@ -1504,10 +2598,10 @@ class _TarCursor:
 
     encoding, errors = "utf-8", "surrogateescape"
 
-    def __init__(self, fileobj: XzReader) -> None:
+    def __init__(self, fileobj: XzReader, offset: int) -> None:
         self.fileobj = fileobj
         self.pax_headers: dict = {}
-        self.offset = 0
+        self.offset = offset
 
 
 def link_target(info: tarfile.TarInfo) -> str | None:
@@ -1523,24 +2617,78 @@ def link_target(info: tarfile.TarInfo) -> str | None:
     return os.path.normpath("/" + target).lstrip("/")
 
 
+@dataclasses.dataclass
+class Resolution:
+    """Where following links from a member ends."""
+
+    member: tarfile.TarInfo | None  # the regular file reached, if any
+    last: tarfile.TarInfo  # the last member reached: the file, a directory...
+    missing: str | None = None  # a link target that is not in the archive
+
+
+def resolve_link(
+    info: tarfile.TarInfo, members: Mapping[str, tarfile.TarInfo]
+) -> Resolution:
+    """Follow symlinks and hardlinks through `members` (normalized name -> member).
+
+    The one link resolver: `verify`, `extract` and `repack` use it over a
+    dict of the members read so far, or over an Archive's lazy lookup.
+    """
+    for _ in range(LINK_DEPTH):
+        if info.isreg():
+            return Resolution(info, info)
+        target = link_target(info)
+        if target is None:
+            return Resolution(None, info)
+        found = members.get(target)
+        if found is None:
+            return Resolution(None, info, target)
+        info = found
+    return Resolution(None, info)
+
+
+class _Lookup(Mapping):
+    """An Archive's members by name, looked up with `locate` when asked."""
+
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+
+    def __getitem__(self, name: str) -> tarfile.TarInfo:
+        info = self.archive.locate(name)
+        if info is None:
+            raise KeyError(name)
+        return info
+
+    def __iter__(self) -> Iterator[str]:
+        return (normalize_name(i.name) for i in self.archive.members())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.archive.members())
+
+
 class Archive:
     """A .tar.xz opened for reading: its xz Blocks, and tar on top of them."""
 
     def __init__(self, path, *, sequential: bool = False) -> None:
         self.path = os.fsdecode(path)
         self.reader = XzReader(path, sequential=sequential)
+        self.by_name = _Lookup(self)
 
     def close(self) -> None:
         self.reader.close()
 
-    def _fail(self, message: str) -> ArchiveError:
-        return ArchiveError(f"{self.path}: {message}")
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _fail(self, reason: str) -> ArchiveError:
+        return ArchiveError(reason, self.path)
 
     def header_at(self, offset: int) -> tarfile.TarInfo | None:
         """The member whose header starts at `offset`; None at end of archive."""
-        cursor = _TarCursor(self.reader)
-        cursor.offset = offset
-        first = self.reader.pread(offset, tarfile.BLOCKSIZE)
+        first = self.reader.read_at(offset, tarfile.BLOCKSIZE)
         if len(first) < tarfile.BLOCKSIZE:
             if not first:
                 return None
@@ -1549,6 +2697,7 @@ class Archive:
             )
         if not any(first):
             return None
+        cursor = _TarCursor(self.reader, offset)
         try:
             peek = tarfile.TarInfo.frombuf(first, cursor.encoding, cursor.errors)
             if (
@@ -1560,7 +2709,7 @@ class Archive:
                 )
             self.reader.seek(offset)
             info = tarfile.TarInfo.fromtarfile(cursor)
-        except tarfile.HeaderError as e:
+        except (tarfile.HeaderError, ValueError) as e:
             raise self._fail(
                 f"bad tar header at byte {offset} ({e}): not a tar archive, or damaged"
             ) from None
@@ -1569,10 +2718,12 @@ class Archive:
             or info.type == tarfile.GNUTYPE_SPARSE
         ):
             raise self._fail(
-                f"member {info.name!r} has unsupported tar type {info.type!r}"
+                f"member '{shown(info.name)}' has unsupported tar type {info.type!r}"
             )
         if info.offset_data + self.data_size(info) > self.reader.size:
-            raise self._fail(f"member {info.name!r} runs past the end of the archive")
+            raise self._fail(
+                f"member '{shown(info.name)}' runs past the end of the archive"
+            )
         return info
 
     @staticmethod
@@ -1582,7 +2733,7 @@ class Archive:
     @staticmethod
     def next_offset(info: tarfile.TarInfo) -> int:
         """Where the header after this member starts."""
-        return info.offset_data + _round_up(Archive.data_size(info), tarfile.BLOCKSIZE)
+        return info.offset_data + round_up(Archive.data_size(info), tarfile.BLOCKSIZE)
 
     def members(self, start: int = 0) -> Iterator[tarfile.TarInfo]:
         """Every member from the header at `start` on, reading only headers."""
@@ -1594,18 +2745,20 @@ class Archive:
             yield info
             offset = self.next_offset(info)
 
-    def pread(self, info: tarfile.TarInfo, offset: int, size: int) -> bytes:
+    def member_bytes(self, info: tarfile.TarInfo, offset: int, size: int) -> bytes:
         """Bytes of a member's data, as read_elf's read_at wants them."""
-        return self.reader.pread(info.offset_data + offset, size)
+        return self.reader.read_at(info.offset_data + offset, size)
 
     def data(self, info: tarfile.TarInfo, chunk: int = READ_CHUNK) -> Iterator[bytes]:
         """A member's data, in order, in bounded chunks."""
         done, size = 0, self.data_size(info)
         while done < size:
-            piece = self.reader.pread(info.offset_data + done, min(chunk, size - done))
+            piece = self.reader.read_at(
+                info.offset_data + done, min(chunk, size - done)
+            )
             if not piece:
                 raise self._fail(
-                    f"member {info.name!r} runs past the end of the archive"
+                    f"member '{shown(info.name)}' runs past the end of the archive"
                 )
             done += len(piece)
             yield piece
@@ -1614,10 +2767,14 @@ class Archive:
         self, info: tarfile.TarInfo, *, sections: bool = True
     ) -> ElfInfo | None:
         """ElfInfo of a regular member, or None if it is not ELF."""
-        if not info.isreg() or info.size < 4 or self.pread(info, 0, 4) != ELF_MAGIC:
+        if (
+            not info.isreg()
+            or info.size < 4
+            or self.member_bytes(info, 0, 4) != ELF_MAGIC
+        ):
             return None
         return read_elf(
-            functools.partial(self.pread, info),
+            functools.partial(self.member_bytes, info),
             info.size,
             f"{self.path}:{info.name}",
             sections=sections,
@@ -1628,12 +2785,13 @@ class Archive:
 
         In packdebug's layout (sorted members, every Block but a large
         member's continuation starting with a header, the end marker in its
-        own Block) only Block starts are read to find the right Block.  Any
-        other archive is searched header by header.
+        own Block) a bisection over the Block starts finds the right Block,
+        reading O(log n) headers; any other archive is searched header by
+        header.
         """
         wanted = normalize_name(name)
         key = canonical_key(wanted)
-        start = self._block_holding(key) if self._is_packdebug_layout() else None
+        start = self._block_holding(key) if self.is_packdebug_layout() else None
         if start is None:
             return self.locate_by_walking(wanted)
         previous = None
@@ -1652,59 +2810,56 @@ class Archive:
             (i for i in self.members() if normalize_name(i.name) == wanted), None
         )
 
-    def _is_packdebug_layout(self) -> bool:
+    def is_packdebug_layout(self) -> bool:
         blocks = self.reader.layout.blocks
         if len(blocks) < 2 or self.reader.layout.streams != 1:
             return False
         last = blocks[-1]
         return last.uncompressed_size >= 2 * tarfile.BLOCKSIZE and not any(
-            self.reader.pread(last.uncompressed_offset, 2 * tarfile.BLOCKSIZE)
+            self.reader.read_at(last.uncompressed_offset, 2 * tarfile.BLOCKSIZE)
         )
 
+    def _first_member(self, index: int) -> tarfile.TarInfo | None:
+        """The member whose header opens Block `index`, or None if it continues one."""
+        try:
+            info = self.header_at(self.reader.layout.blocks[index].uncompressed_offset)
+        except ArchiveError:
+            return None
+        if info is None or canonical_key(info.name)[0] == len(DEBUG_TREES):
+            return None  # not a header, or not a name packdebug writes
+        return info
+
     def _block_holding(self, key: tuple) -> int | None:
-        """Offset of the last header-starting Block whose first member sorts <= key.
+        """Offset of the last header-led Block whose first member sorts <= key.
 
-        Returns None when the Block starts do not behave as packdebug writes
-        them (a header that does not parse, names out of order).
+        Bisects over the Blocks before the end marker's; a Block that does
+        not start with a header continues a large member, so the probe
+        steps back to the Block that holds that member's header.  Returns
+        None when the probes are not in order, so not packdebug's layout.
         """
-        blocks, starts = self.reader.layout.blocks, self.reader.block_starts
-        found, previous, index = 0, None, 0
-        while index < len(blocks):
-            block = blocks[index]
-            try:
-                info = self.header_at(block.uncompressed_offset)
-            except ArchiveError:
-                return None
-            if info is None:
-                break
-            first = canonical_key(info.name)
-            if previous is not None and first < previous:
-                return None
-            if first > key:
-                break
-            found, previous = block.uncompressed_offset, first
-            end = self.next_offset(info)
-            if end <= block.uncompressed_end:
-                index += 1
+        lo, hi = 0, len(self.reader.layout.blocks) - 1
+        found, probes = 0, []
+        while lo < hi:
+            mid = (lo + hi) // 2
+            index = mid
+            while index >= lo and (info := self._first_member(index)) is None:
+                index -= 1
+            if index < lo:
+                lo = mid + 1
                 continue
-            index = bisect.bisect_left(
-                starts, end
-            )  # skip the member's continuation Blocks
-            if index == len(starts) or starts[index] != end:
-                return None
-        return found
+            first = canonical_key(info.name)
+            probes.append((index, first))
+            if first <= key:
+                found = self.reader.layout.blocks[index].uncompressed_offset
+                lo = mid + 1
+            else:
+                hi = index
+        keys = [first for _, first in sorted(probes)]
+        return found if keys == sorted(keys) else None
 
-    def resolve(self, info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        """Follow symlinks and hardlinks inside the archive to a regular member."""
-        for _ in range(LINK_DEPTH):
-            if info.isreg():
-                return info
-            target = link_target(info)
-            found = self.locate(target) if target is not None else None
-            if found is None:
-                return None
-            info = found
-        return None
+    def resolve(self, info: tarfile.TarInfo) -> Resolution:
+        """Follow symlinks and hardlinks inside the archive."""
+        return resolve_link(info, self.by_name)
 
     def find_build_id(self, build_id: str) -> tarfile.TarInfo | None:
         """The regular member holding the ELF with that build-id: by link, else by notes."""
@@ -1713,16 +2868,12 @@ class Archive:
         )
 
     def find_build_id_by_link(self, build_id: str) -> tarfile.TarInfo | None:
-        """Through the .build-id/xx/yyyy.debug link estrip makes (a few headers), confirmed by the ELF note."""
-        link = self.locate(
-            f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
-        )
-        target = self.resolve(link) if link is not None else None
-        return (
-            target
-            if target is not None and self._has_build_id(target, build_id)
-            else None
-        )
+        """Through estrip's .build-id/xx/yyyy.debug link (a few headers), confirmed by the ELF note."""
+        link = self.locate(f"{BUILD_ID_DIR}/{build_id[:2]}/{build_id[2:]}.debug")
+        target = self.resolve(link).member if link is not None else None
+        if target is not None and self._has_build_id(target, build_id):
+            return target
+        return None
 
     def find_build_id_by_notes(self, build_id: str) -> tarfile.TarInfo | None:
         """Reading the ELF notes of every member: for archives without the links."""
@@ -1763,10 +2914,15 @@ class Listing:
     build_id: str | None = None
     link: str | None = None
     problem: str = ""
+    mode: int = 0
+    mtime: int = 0
+    offset: int = 0  # of the header, in the uncompressed tar
+    block: int = 0  # the xz Block holding the header
 
 
 def list_archive(archive: Archive) -> Iterator[Listing]:
     """Each member with its kind and build-id, reading headers and ELF notes only."""
+    starts = archive.reader.block_starts
     for info in archive.members():
         elf, problem = None, ""
         try:
@@ -1781,208 +2937,485 @@ def list_archive(archive: Archive) -> Iterator[Listing]:
             elf and elf.build_id,
             link,
             problem,
+            info.mode,
+            int(info.mtime),
+            info.offset,
+            bisect.bisect_right(starts, info.offset),
         )
 
 
-def _open_beneath(root_fd: int, parts: Sequence[str], *, create: bool = False) -> int:
-    """Open the directory root/parts... without following any symlink on the way."""
-    fd = os.dup(root_fd)
-    try:
-        for part in parts:
-            if create:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=fd)
-            child = os.open(
-                part,
-                os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                dir_fd=fd,
-            )
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+def copy_member(archive: Archive, info: tarfile.TarInfo, out) -> None:
+    """Copy a member's data, verifying the checks of every Block it spans.
+
+    Reads from the member's header on, so the Blocks holding the header and
+    the data are each decompressed to their end and so checked.
+    """
+    reader = archive.reader
+    reader.seek(info.offset)
+    reader.read(info.offset_data - info.offset)
+    out.writelines(archive.data(info))
+    reader.finish_block()
+
+
+# Extraction of everything, safely.
+
+
+def symlink_escapes(name: str, linkname: str) -> str:
+    """Why a symlink `name` -> `linkname` may lead outside, or "" if it cannot.
+
+    Stricter than tarfile's 'data' filter, and independent of the order in
+    which links are made: '..' may only lead the target, and no further up
+    than the link's own directory is deep.  A '..' after a name would climb
+    out of whatever that name is or becomes (`d -> .` then `e -> d/..`).
+    Every directory that holds a link is a real one (extraction never opens
+    a symlink as a directory), so a target of that shape resolves inside,
+    however other links in it resolve.
+    """
+    if linkname.startswith("/"):
+        return "absolute"
+    parts = [p for p in linkname.split("/") if p not in ("", ".")]
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    if ".." in parts[ups:]:
+        return f"'..' after a name in {shown(linkname)}"
+    depth = normalize_name(name).count("/")
+    if ups > depth:
+        return f"{shown(linkname)} climbs {ups} levels from a link {depth} deep"
+    return ""
+
+
+def safe_file_mode(mode: int) -> int:
+    """A file's mode as tarfile's 'data' filter leaves it (PEP 706).
+
+    No setuid, setgid or sticky bit, no write for group and others, always
+    read and write for the owner, and no exec bit if the owner has none.
+    """
+    safe = mode & 0o755 | 0o600
+    return safe if mode & 0o100 else safe & ~0o111
+
+
+def _temporary_name() -> str:
+    """A hidden name of fixed length, so that no long member name makes it too long."""
+    return f".packdebug-{os.urandom(6).hex()}.tmp"
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A member read but not yet in place: its Blocks' checks are still to pass."""
+
+    info: tarfile.TarInfo
+    kind: str  # "directory", "file", "symlink" or "hardlink"
+    parts: list[str]  # the normalized name's components
+    end: int  # uncompressed offset up to which its Blocks must be verified
+    temp: str = ""  # a file's data, written beside its final name
+    target: str = ""  # a symlink's target; a hardlink's, normalized
 
 
 class SafeExtractor:
-    """Extracts members under one directory and refuses all that could escape it.
+    """Extracts members under one directory, refusing all that could escape it.
 
-    Refused: absolute names, '..', symlinks and hardlinks leading outside,
-    devices, FIFOs.  setuid/setgid/sticky bits are dropped.  Every path is
-    opened component by component with O_NOFOLLOW below the directory, so a
-    symlink extracted earlier cannot redirect a later member (the checks of
-    Python's tarfile 'data' filter, on every supported Python).
+    Refused, each with its own error class: absolute names, '..', NUL
+    bytes, devices and FIFOs, symlinks that lead or may come to lead
+    outside (symlink_escapes), hardlinks to anything but an earlier file
+    or a safe symlink, and a member whose name is taken by another kind.
+    Every path is opened component by component with O_NOFOLLOW below the
+    directory, so no symlink, extracted or already there, redirects a later
+    member.  setuid/setgid/sticky bits are dropped.
+
+    A regular file is written to a hidden temporary name in its directory,
+    and nothing takes its final name, nor is any link made, until every
+    Block its header and data span has passed its check: a failed or
+    interrupted extraction leaves no file with wrong bytes.
     """
 
     def __init__(self, archive: Archive, dest: str) -> None:
         self.archive, self.dest = archive, os.path.abspath(dest)
-        os.makedirs(self.dest, exist_ok=True)
-        self.dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.dir_times: list[tuple[str, int, int]] = []
+        try:
+            st = os.stat(self.dest)
+            if not stat.S_ISDIR(st.st_mode):
+                raise OutputError(
+                    f"is {file_kind(st.st_mode)}, not a directory: -C takes the "
+                    "directory to extract into",
+                    self.dest,
+                )
+        except FileNotFoundError:
+            pass
+        try:
+            os.makedirs(self.dest, exist_ok=True)
+            self.dest_fd = os.open(
+                self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            )
+        except OSError as e:
+            raise OutputError(f"cannot create: {e.strerror}", self.dest) from None
+        self.kinds: dict[str, str] = {"": "directory"}  # member name -> kind
+        self.placed: set[str] = set()  # names this extraction put in place
+        self.links: dict[str, str] = {}  # symlink member -> its target
+        self.pending: list[_Pending] = []
+        self.extracted = 0
+        self.dir_times: list[tuple[list[str], int, int]] = []
 
     def close(self) -> None:
         os.close(self.dest_fd)
 
-    def refuse(self, info: tarfile.TarInfo, why: str) -> UnsafeMemberError:
-        return UnsafeMemberError(
-            f"{self.archive.path}: refusing member {info.name!r}: {why}; nothing was written outside {self.dest}"
+    def incomplete(self) -> str:
+        return (
+            f"{plural(self.extracted, 'member')} extracted before it; "
+            f"{shown(self.dest)} is incomplete"
         )
 
-    def extract(self, info: tarfile.TarInfo) -> None:
-        problems = [
-            p
-            for p in name_problems(info.name)
-            if p in ("absolute path", "'..' component")
-        ]
-        if problems:
-            raise self.refuse(info, problems[0])
-        parts = normalize_name(info.name).split("/")
-        if parts == [""]:
-            return
-        if info.isdir():
-            self._with_parent(parts, lambda fd, name: self._mkdir(fd, name, info))
-        elif info.isreg():
-            self._with_parent(parts, lambda fd, name: self._write(fd, name, info))
-        elif info.issym():
-            self._check_inside(info, parts[:-1], info.linkname)
-            self._with_parent(
-                parts,
-                lambda fd, name: self._replace(
-                    fd, name, lambda: os.symlink(info.linkname, name, dir_fd=fd)
-                ),
-            )
-        elif info.islnk():
-            self._link(info, parts)
-        else:
-            raise self.refuse(
-                info, "devices, FIFOs and other special files are not extracted"
-            )
+    # Checks, before anything is written.
 
-    def _check_inside(
-        self, info: tarfile.TarInfo, where: list[str], target: str
-    ) -> None:
-        if target.startswith("/"):
-            raise self.refuse(info, f"symlink to an absolute path {target!r}")
-        depth = 0
-        for part in where + target.split("/"):
-            depth += -1 if part == ".." else 0 if part in ("", ".") else 1
-            if depth < 0:
-                raise self.refuse(
-                    info, f"symlink {target!r} points outside the directory"
+    def check(self, info: tarfile.TarInfo) -> tuple[str, str]:
+        """(normalized name, kind) of a member that is safe to extract."""
+        name = info.name
+        if "\0" in name or "\0" in info.linkname:
+            raise BadNameError(name, "has a NUL byte in its name or link target")
+        if name.startswith("/"):
+            raise AbsolutePathError(name, "absolute path")
+        if ".." in name.split("/"):
+            raise OutsideDestinationError(name, "'..' component leads outside")
+        norm = normalize_name(name)
+        kind = (
+            "directory"
+            if info.isdir()
+            else "file"
+            if info.isreg()
+            else "symlink"
+            if info.issym()
+            else "hardlink"
+            if info.islnk()
+            else ""
+        )
+        if not kind:
+            raise SpecialFileError(
+                name, "devices, FIFOs and other special files are not extracted"
+            )
+        if not norm:
+            if kind == "directory":
+                return norm, kind
+            raise BadNameError(name, "names the directory itself")
+        self._check_lengths(info, norm, kind)
+        self._check_parents(name, norm)
+        previous = self.kinds.get(norm)
+        if previous and (previous == "directory") != (kind == "directory"):
+            raise TypeConflictError(
+                name, f"a {previous} of that name was extracted before"
+            )
+        if kind == "symlink":
+            why = symlink_escapes(norm, info.linkname)
+            if why:
+                error = (
+                    AbsoluteLinkError
+                    if why == "absolute"
+                    else LinkOutsideDestinationError
+                )
+                raise error(name, f"symlink to {shown(info.linkname)}: {why}")
+        if kind == "hardlink":
+            self._check_hardlink(info, norm)
+        return norm, kind
+
+    def _check_lengths(self, info: tarfile.TarInfo, norm: str, kind: str) -> None:
+        """Refuse, never cut, what the file system cannot hold (PATH_MAX 4096)."""
+        path = len(os.fsencode(self.dest)) + 1 + len(os.fsencode(norm))
+        target = len(os.fsencode(info.linkname))
+        if path >= PATH_MAX or target >= PATH_MAX:
+            raise NameTooLongError(
+                info.name,
+                f"{'path' if path >= PATH_MAX else 'link target'} longer than "
+                f"the {PATH_MAX - 1} bytes a path may have",
+            )
+        if (
+            not info.linkname
+            if kind == "symlink"
+            else kind == "hardlink" and not normalize_name(info.linkname)
+        ):
+            raise BadNameError(info.name, f"{kind} without a target")
+
+    def _check_parents(self, name: str, norm: str) -> None:
+        parts = norm.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            kind = self.kinds.get(parent)
+            if kind not in (None, "directory"):
+                raise TypeConflictError(
+                    name, f"its parent {shown(parent)} is a {kind}, not a directory"
                 )
 
-    def _with_parent(
-        self, parts: list[str], action: Callable[[int, str], None]
-    ) -> None:
-        try:
-            fd = _open_beneath(self.dest_fd, parts[:-1], create=True)
-        except OSError:
-            raise UnsafeMemberError(
-                f"{self.archive.path}: refusing to extract under {'/'.join(parts[:-1])!r}: "
-                f"it is a symlink or not a directory; nothing was written outside {self.dest}"
-            ) from None
-        try:
-            action(fd, parts[-1])
-        finally:
-            os.close(fd)
+    def _check_hardlink(self, info: tarfile.TarInfo, norm: str) -> None:
+        target = info.linkname
+        if target.startswith("/") or ".." in target.split("/"):
+            raise LinkOutsideDestinationError(
+                info.name, f"hardlink to {shown(target)} outside the directory"
+            )
+        kind = self.kinds.get(normalize_name(target))
+        if kind is None:
+            raise HardlinkTargetError(
+                info.name,
+                f"hardlink to {shown(target)}, which is not an earlier member",
+            )
+        if kind == "directory":
+            raise HardlinkTargetError(
+                info.name, f"hardlink to the directory {shown(target)}"
+            )
+        if kind == "symlink":  # the same inode as that symlink: judged where it lands
+            linkname = self.links[normalize_name(target)]
+            why = symlink_escapes(norm, linkname)
+            if why:
+                raise LinkOutsideDestinationError(
+                    info.name,
+                    f"hardlink to the symlink {shown(target)} -> {shown(linkname)}: {why}",
+                )
 
-    def _mkdir(self, fd: int, name: str, info: tarfile.TarInfo) -> None:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, 0o700, dir_fd=fd)
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        if not stat.S_ISDIR(st.st_mode):
-            raise self.refuse(info, "a non-directory of that name was extracted before")
-        sub = os.open(
-            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+    # Reading: regular files go to temporary files at once.
+
+    def add(self, info: tarfile.TarInfo) -> None:
+        norm, kind = self.check(info)
+        pending = _Pending(
+            info, kind, norm.split("/") if norm else [], Archive.next_offset(info)
         )
+        if kind == "file":
+            pending.temp = self._write_temporary(info, pending.parts)
+        elif kind == "symlink":
+            pending.target = self.links[norm] = info.linkname
+        elif kind == "hardlink":
+            pending.target = normalize_name(info.linkname)
+            if self.kinds[pending.target] == "symlink":  # the same inode: that symlink
+                pending.kind = kind = "symlink"
+                pending.target = self.links[norm] = self.links[pending.target]
+            else:
+                kind = "file"
+        self.kinds[norm] = kind
+        self.pending.append(pending)
+        self.commit(self.archive.reader.verified_until())
+
+    def _parent(self, info: tarfile.TarInfo, parts: list[str]) -> int:
+        """The member's parent directory, made where missing, never through a symlink."""
         try:
-            os.chmod(sub, info.mode & 0o777 | 0o700)
-        finally:
-            os.close(sub)
-        self.dir_times.append(
-            (normalize_name(info.name), info.mode & 0o777, int(info.mtime))
-        )
+            return open_beneath(self.dest_fd, parts[:-1], create=True)
+        except OSError as e:
+            raise self._os_error(info, e, "its parent directory") from None
 
-    def _replace(self, fd: int, name: str, create: Callable[[], None]) -> None:
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            os.unlink(name, dir_fd=fd)
-        create()
+    def _os_error(
+        self, info: tarfile.TarInfo, e: OSError, what: str = ""
+    ) -> ExtractError:
+        if e.errno == errno.ENAMETOOLONG:
+            return NameTooLongError(
+                info.name, "name or link target too long for the file system"
+            )
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            return TypeConflictError(
+                info.name,
+                f"{what or 'its path'} is a symlink or a file in {shown(self.dest)}",
+            )
+        if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+            return TypeConflictError(
+                info.name, f"a directory is in the way in {shown(self.dest)}"
+            )
+        return ExtractError(info.name, f"cannot extract: {e.strerror}")
 
-    def _write(self, fd: int, name: str, info: tarfile.TarInfo) -> None:
-        def create() -> None:
+    def _write_temporary(self, info: tarfile.TarInfo, parts: list[str]) -> str:
+        fd = self._parent(info, parts)
+        temp = _temporary_name()
+        out = -1
+        try:
             out = os.open(
-                name,
+                temp,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                 0o600,
                 dir_fd=fd,
             )
             with open(out, "wb") as f:
+                out = -1  # the file object owns it now
                 f.writelines(self.archive.data(info))
-                os.fchmod(out, info.mode & 0o777)
-                os.utime(out, (int(info.mtime), int(info.mtime)))
+                os.fchmod(f.fileno(), safe_file_mode(info.mode))
+                os.utime(f.fileno(), (int(info.mtime), int(info.mtime)))
+            return temp
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=fd)
+            if isinstance(e, OSError):
+                raise self._os_error(info, e) from None
+            raise
+        finally:
+            if out >= 0:
+                os.close(out)
+            os.close(fd)
 
-        self._replace(fd, name, create)
+    # Committing, once the Blocks are verified.
 
-    def _link(self, info: tarfile.TarInfo, parts: list[str]) -> None:
-        target = normalize_name(info.linkname)
-        if info.linkname.startswith("/") or ".." in target.split("/"):
-            raise self.refuse(
-                info, f"hardlink to {info.linkname!r} outside the directory"
+    def commit(self, verified: int) -> None:
+        """Put in place, in order, every pending member whose Blocks are verified."""
+        done = 0
+        for pending in self.pending:
+            if pending.end > verified:
+                break
+            self._put(pending)
+            done += 1
+            self.extracted += 1
+        del self.pending[:done]
+
+    def _put(self, pending: _Pending) -> None:
+        info, parts = pending.info, pending.parts
+        if not parts:
+            return
+        fd = self._parent(info, parts)
+        name = parts[-1]
+        try:
+            if pending.kind == "directory":
+                self._mkdir(fd, name, info)
+            else:
+                self._refuse_in_the_way(fd, name, info, "/".join(parts))
+                if pending.kind == "file":
+                    os.replace(pending.temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+                    pending.temp = ""
+                elif pending.kind == "symlink":
+                    self._symlink(fd, name, pending.target)
+                else:
+                    self._hardlink(fd, name, info, pending.target.split("/"))
+            self.placed.add("/".join(parts))
+        except OSError as e:
+            raise self._os_error(info, e) from None
+        finally:
+            os.close(fd)
+
+    def _refuse_in_the_way(
+        self, fd: int, name: str, info: tarfile.TarInfo, norm: str
+    ) -> None:
+        """A directory, or a symlink this extraction did not make, is never replaced."""
+        try:
+            mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(mode):
+            raise TypeConflictError(
+                info.name, f"a directory is in the way in {shown(self.dest)}"
             )
-        source = target.split("/")
-        self._with_parent(
-            source,
-            lambda sfd, sname: self._with_parent(
-                parts,
-                lambda fd, name: self._replace(
-                    fd,
-                    name,
-                    lambda: os.link(
-                        sname,
-                        name,
-                        src_dir_fd=sfd,
-                        dst_dir_fd=fd,
-                        follow_symlinks=False,
-                    ),
-                ),
-            ),
+        if stat.S_ISLNK(mode) and norm not in self.placed:
+            raise TypeConflictError(
+                info.name,
+                f"a symlink that was already in {shown(self.dest)} is in the way",
+            )
+
+    def _mkdir(self, fd: int, name: str, info: tarfile.TarInfo) -> None:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=fd)
+        sub = os.open(
+            name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+        )
+        try:
+            os.fchmod(sub, info.mode & 0o755 | 0o700)
+        finally:
+            os.close(sub)
+        self.dir_times.append(
+            (
+                normalize_name(info.name).split("/"),
+                info.mode & 0o755 | 0o700,
+                int(info.mtime),
+            )
         )
 
+    @staticmethod
+    def _symlink(fd: int, name: str, target: str) -> None:
+        temp = _temporary_name()
+        os.symlink(target, temp, dir_fd=fd)
+        try:
+            os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=fd)
+            raise
+
+    def _hardlink(
+        self, fd: int, name: str, info: tarfile.TarInfo, source: list[str]
+    ) -> None:
+        src_fd = self._parent(info, source)
+        temp = _temporary_name()
+        try:
+            if not stat.S_ISREG(
+                os.stat(source[-1], dir_fd=src_fd, follow_symlinks=False).st_mode
+            ):
+                raise HardlinkTargetError(
+                    info.name,
+                    f"hardlink to {shown(info.linkname)}, which is not a file",
+                )
+            os.link(
+                source[-1],
+                temp,
+                src_dir_fd=src_fd,
+                dst_dir_fd=fd,
+                follow_symlinks=False,
+            )
+            os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=fd)
+            os.close(src_fd)
+
+    def abort(self) -> None:
+        """Remove the temporary files of members not yet in place."""
+        for pending in self.pending:
+            if pending.temp:
+                with contextlib.suppress(OSError):
+                    fd = open_beneath(self.dest_fd, pending.parts[:-1])
+                    try:
+                        os.unlink(pending.temp, dir_fd=fd)
+                    finally:
+                        os.close(fd)
+        self.pending.clear()
+
     def finish(self) -> None:
-        """Directory modes and mtimes last, as tar does, deepest first."""
-        for path, mode, mtime in sorted(self.dir_times, reverse=True):
-            parts = path.split("/")
-
-            def settle(fd: int, name: str, mode=mode, mtime=mtime) -> None:
-                os.chmod(name, mode, dir_fd=fd)
-                os.utime(name, (mtime, mtime), dir_fd=fd, follow_symlinks=False)
-
-            self._with_parent(parts, settle)
+        """Verify the rest, put everything in place, then directory modes and mtimes."""
+        self.archive.reader.verify_all()
+        self.commit(self.archive.reader.size)
+        for parts, mode, mtime in sorted(self.dir_times, reverse=True):
+            with contextlib.suppress(OSError):
+                fd = open_beneath(self.dest_fd, parts)
+                try:
+                    os.fchmod(fd, mode)
+                    os.utime(fd, (mtime, mtime))
+                finally:
+                    os.close(fd)
 
 
 def extract_all(archive: Archive, dest: str) -> int:
     """Extract every member safely under dest; return how many."""
     extractor = SafeExtractor(archive, dest)
-    count = 0
     try:
         for info in archive.members():
-            extractor.extract(info)
-            count += 1
-        archive.reader.verify_all()
+            extractor.add(info)
         extractor.finish()
+        return extractor.extracted
+    except PackdebugError as e:
+        extractor.abort()
+        e.hint = "; ".join(filter(None, (e.hint, extractor.incomplete())))
+        raise e.at(archive.path) from None
+    except BaseException as e:  # Ctrl-C, SIGTERM: say what is left
+        extractor.abort()
+        e.packdebug_state = extractor.incomplete()
+        raise
     finally:
         extractor.close()
-    return count
+
+
+# verify
 
 
 @dataclasses.dataclass
 class Check:
-    """One line of `verify`: what was checked, whether it passed, and how."""
+    """One line of `verify`: what was checked, whether it passed, and how.
+
+    A note passes, but says something worth knowing.
+    """
 
     name: str
     ok: bool
     detail: str
+    note: bool = False
+
+    @property
+    def label(self) -> str:
+        return "FAIL" if not self.ok else "note" if self.note else "ok  "
 
 
 @dataclasses.dataclass
@@ -2017,7 +3450,7 @@ def seekability(layout: XzLayout) -> Check:
         return Check(
             "seekable",
             False,
-            f"{blocks} xz block: debuginfod needs more than one to seek, so it "
+            f"{plural(blocks, 'xz block')}: debuginfod needs more than one to seek, so it "
             "decompresses the whole file for every request; repack it",
         )
     return Check("seekable", True, f"debuginfod >= 0.192 seeks in its {blocks} blocks")
@@ -2027,7 +3460,7 @@ def _container_check(layout: XzLayout, reader: XzReader) -> Check:
     names = ", ".join(
         LIBLZMA_CHECKS.get(c, f"check 0x{c:02x}") for c in sorted(layout.checks)
     )
-    shape = f"{layout.streams} stream{'s' * (layout.streams > 1)}, {len(layout.blocks)} blocks, {names}"
+    shape = f"{plural(layout.streams, 'stream')}, {plural(len(layout.blocks), 'block')}, {names}"
     unverifiable = layout.checks - {CHECK_CRC32, CHECK_CRC64, CHECK_SHA256}
     if unverifiable:
         return Check(
@@ -2042,7 +3475,7 @@ def _container_check(layout: XzLayout, reader: XzReader) -> Check:
         )
     missing = len(layout.blocks) - len(reader.verified_blocks)
     if missing:
-        return Check("xz", False, f"{shape}: {missing} blocks not verified")
+        return Check("xz", False, f"{shape}: {plural(missing, 'block')} not verified")
     return Check("xz", True, f"{shape}, every block's check verified")
 
 
@@ -2055,32 +3488,51 @@ class _TarAudit:
         self.by_name: dict[str, tarfile.TarInfo] = {}
         self.build_ids: dict[str, str | None] = {}
         self.problems: dict[str, list[str]] = {"tar": [], "build-ids": [], "names": []}
+        self.dot_slash = 0  # names with only a leading './'
         self.debug_elf = 0
 
     def run(self) -> None:
         for info in self.archive.members():
             self.add(info)
         end = Archive.next_offset(self.members[-1]) if self.members else 0
-        if self.archive.reader.pread(end, 2 * tarfile.BLOCKSIZE) != bytes(
-            2 * tarfile.BLOCKSIZE
-        ):
-            self.problems["tar"].append("no end-of-archive marker")
+        self._check_end(end)
         self.archive.reader.verify_all()
+
+    def _check_end(self, end: int) -> None:
+        """The end-of-archive marker, and nothing but zeros after it."""
+        reader = self.archive.reader
+        if reader.read_at(end, 2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+            self.problems["tar"].append("no end-of-archive marker")
+            return
+        offset = end + 2 * tarfile.BLOCKSIZE
+        while offset < reader.size:
+            chunk = reader.read_at(offset, READ_CHUNK)
+            if any(chunk):
+                at = offset + next(i for i, b in enumerate(chunk) if b)
+                self.problems["tar"].append(
+                    f"data after the end-of-archive marker (from byte {at}): members "
+                    "there are invisible to tar and debuginfod"
+                )
+                return
+            offset += len(chunk)
 
     def add(self, info: tarfile.TarInfo) -> None:
         name = normalize_name(info.name)
         self.members.append(info)
         problems = name_problems(info.name)
-        if problems:
-            self.problems["names"].append(f"{info.name!r}: {', '.join(problems)}")
+        if problems == [DOT_SLASH_NAME]:
+            self.dot_slash += 1
+        elif problems:
+            texts = ", ".join(p.text for p in problems)
+            self.problems["names"].append(f"{shown(info.name)}: {texts}")
         if name in self.by_name:
-            self.problems["tar"].append(f"duplicate member {name!r}")
+            self.problems["tar"].append(f"duplicate member '{shown(name)}'")
         if info.islnk() and normalize_name(info.linkname) not in self.by_name:
             self.problems["tar"].append(
-                f"hardlink {name!r} to {info.linkname!r}, which comes later or not at all"
+                f"hardlink '{shown(name)}' to {shown(info.linkname)}, which comes later or not at all"
             )
         self.by_name[name] = info
-        if info.isreg() and name.startswith("usr/lib/debug/"):
+        if info.isreg() and name.startswith(DEBUG_DIR + "/"):
             self._check_elf(name, info)
 
     def _check_elf(self, name: str, info: tarfile.TarInfo) -> None:
@@ -2095,113 +3547,178 @@ class _TarAudit:
         self.debug_elf += 1
         self.build_ids[name] = elf.build_id
         if not elf.build_id:
-            self.problems["build-ids"].append(f"{name}: debug ELF without a build-id")
+            self.problems["build-ids"].append(
+                f"{shown(name)}: debug ELF without a build-id"
+            )
 
     def link_problems(self) -> tuple[int, list[str]]:
         """Each .build-id/xx/yyyy.debug link must reach an ELF with that build-id."""
-        links = [
-            n
-            for n, i in self.by_name.items()
-            if i.issym()
-            and re.fullmatch(
-                r"usr/lib/debug/\.build-id/[0-9a-f]{2}/[0-9a-f]+\.debug", n
-            )
-        ]
-        problems = []
-        for name in links:
-            target = self._resolve(name)
-            build_id = name.split("/")[-2] + name.split("/")[-1][: -len(".debug")]
+        problems, links = [], 0
+        for name, info in self.by_name.items():
+            match = BUILD_ID_LINK.fullmatch(name)
+            if not match or not info.issym():
+                continue
+            links += 1
+            target = resolve_link(info, self.by_name).member
             if target is None:
                 problems.append(
-                    f"{name} -> {self.by_name[name].linkname}: does not resolve inside the archive"
+                    f"{shown(name)} -> {shown(info.linkname)}: does not resolve inside the archive"
                 )
-            elif self.build_ids.get(target) != build_id:
+                continue
+            target_name = normalize_name(target.name)
+            found = self.build_ids.get(target_name)
+            if found != match[1] + match[2]:
                 problems.append(
-                    f"{name} -> {target}: that file's build-id is {self.build_ids.get(target)}"
+                    f"{shown(name)} -> {shown(target_name)}: that file's build-id is {found}"
                 )
-        return len(links), problems
+        return links, problems
 
-    def _resolve(self, name: str) -> str | None:
-        for _ in range(LINK_DEPTH):
-            info = self.by_name.get(name)
-            if info is None or info.isreg():
-                return name if info is not None else None
-            name = link_target(info)
-            if name is None:
-                return None
-        return None
+    def names_check(self) -> Check:
+        if self.problems["names"]:
+            return _problems_check("names", self.problems["names"], "")
+        if self.dot_slash:
+            return Check(
+                "names",
+                True,
+                f"{plural(self.dot_slash, 'member name')} start with './', as GNU tar "
+                "writes them for Portage; debuginfod serves them as /usr/..., and "
+                "`packdebug repack` writes clean names",
+                note=True,
+            )
+        return Check("names", True, "member names are relative and clean")
 
 
-def verify_archive(path) -> Verification:
+def verify_archive(path, *, all_problems: bool = False) -> Verification:
     """Every check of `packdebug verify`, in one sequential pass."""
-    archive = Archive(path, sequential=True)
-    audit = _TarAudit(archive)
-    try:
-        audit.run()
-    except XzError as e:
-        layout_checks = [
-            Check("xz", False, str(e).replace(f"{archive.path}: ", "")),
+    with Archive(path, sequential=True) as archive:
+        audit = _TarAudit(archive)
+        try:
+            audit.run()
+        except XzError as e:
+            return Verification(
+                archive.path,
+                [
+                    Check("xz", False, e.reason + (f"; {e.hint}" if e.hint else "")),
+                    seekability(archive.reader.layout),
+                    Check("tar", False, "not checked: the xz data is damaged"),
+                ],
+                audit.members,
+            )
+        except ArchiveError as e:
+            audit.problems["tar"].insert(0, e.reason)
+            with contextlib.suppress(XzError):
+                archive.reader.verify_all()
+        links, link_problems = audit.link_problems()
+        regular = sum(1 for m in audit.members if m.isreg())
+        limit = None if all_problems else 5
+        checks = [
+            _container_check(archive.reader.layout, archive.reader),
             seekability(archive.reader.layout),
+            _problems_check(
+                "tar",
+                audit.problems["tar"],
+                f"{plural(len(audit.members), 'member')} ({plural(regular, 'file')}), "
+                "end-of-archive marker, nothing after it",
+                limit,
+            ),
+            _problems_check(
+                "build-ids",
+                audit.problems["build-ids"],
+                f"{plural(audit.debug_elf, 'debug ELF', 'debug ELF')}, each with a build-id",
+                limit,
+            ),
+            _problems_check(
+                "links",
+                link_problems,
+                f"{plural(links, '.build-id/*.debug link')}, each resolving inside the "
+                "archive to its ELF",
+                limit,
+            ),
+            audit.names_check(),
         ]
-        return Verification(
-            archive.path,
-            layout_checks
-            + [Check("tar", False, "not checked: the xz data is damaged")],
-            audit.members,
-        )
-    except ArchiveError as e:
-        audit.problems["tar"].insert(0, str(e).replace(f"{archive.path}: ", ""))
-        with contextlib.suppress(XzError):
-            archive.reader.verify_all()
-    finally:
-        archive.close()
-    links, link_problems = audit.link_problems()
-    regular = sum(1 for m in audit.members if m.isreg())
-    checks = [
-        _container_check(archive.reader.layout, archive.reader),
-        seekability(archive.reader.layout),
-        _problems_check(
-            "tar",
-            audit.problems["tar"],
-            f"{len(audit.members)} members ({regular} files), end-of-archive marker",
-        ),
-        _problems_check(
-            "build-ids",
-            audit.problems["build-ids"],
-            f"{audit.debug_elf} debug ELF, each with a build-id",
-        ),
-        _problems_check(
-            "links",
-            link_problems,
-            f"{links} .build-id/*.debug links, each resolving inside the archive to its ELF",
-        ),
-        _problems_check(
-            "names", audit.problems["names"], "member names are relative and clean"
-        ),
-    ]
-    return Verification(archive.path, checks, audit.members)
+        return Verification(archive.path, checks, audit.members)
 
 
-def _problems_check(name: str, problems: list[str], fine: str) -> Check:
+def _problems_check(
+    name: str, problems: list[str], fine: str, limit: int | None = 5
+) -> Check:
     if not problems:
         return Check(name, True, fine)
-    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-    return Check(name, False, "; ".join(problems[:5]) + more)
+    shown_problems = problems if limit is None else problems[:limit]
+    more = len(problems) - len(shown_problems)
+    suffix = f" (and {more} more; -v shows all)" if more else ""
+    return Check(name, False, "; ".join(shown_problems) + suffix)
 
 
-def copy_member(
-    archive: Archive, info: tarfile.TarInfo, out: io.BufferedIOBase
-) -> None:
-    """Copy a member's data, verifying the checks of every Block it spans.
+# ---------------------------------------------------------------------------
+# 6. binhost upkeep: the tarball root
+# ---------------------------------------------------------------------------
 
-    Reads from the member's header on, so the Blocks holding the header and
-    the data are each decompressed to their end and so checked.
+
+@dataclasses.dataclass(frozen=True)
+class RootEntry:
+    """An entry under a tarball root, as walk_root finds it."""
+
+    path: str  # relative to the root: CAT/PN/FILE
+    depth: int  # 1 for CAT, 2 for CAT/PN, 3 for CAT/PN/FILE
+    st: os.stat_result
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+
+def check_root(root: str, flag: str) -> None:
+    """A root given on the command line must be a directory (exit 2 if not)."""
+    try:
+        st = os.stat(root)
+    except OSError as e:
+        raise UsageError(f"{e.strerror} (check {flag})", root) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(
+            f"is {file_kind(st.st_mode)}, not a directory (check {flag})", root
+        )
+
+
+def walk_root(root: str, max_depth: int | None = None) -> Iterator[RootEntry]:
+    """Every entry under root, depth-first, sorted by name, symlinks never followed.
+
+    Hidden names (a pack's temporary files) are passed over; a directory
+    at max_depth is yielded but not entered.  An entry removed meanwhile
+    (a prune beside) is passed over too.
     """
-    reader = archive.reader
-    reader.seek(info.offset)
-    reader.read(info.offset_data - info.offset)
-    out.writelines(archive.data(info))
-    reader.finish_block()
+    stack = [("", 0)]
+    while stack:
+        rel, depth = stack.pop()
+        try:
+            names = sorted(os.listdir(os.path.join(root, rel) if rel else root))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise InputError(
+                f"cannot list: {e.strerror}", os.path.join(root, rel)
+            ) from None
+        entered = []
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = f"{rel}/{name}" if rel else name
+            try:
+                st = os.lstat(os.path.join(root, path))
+            except FileNotFoundError:
+                continue
+            entry = RootEntry(path, depth + 1, st)
+            yield entry
+            if entry.is_dir and (max_depth is None or entry.depth < max_depth):
+                entered.append((path, depth + 1))
+        stack.extend(reversed(entered))
+
+
+def iter_tarballs(root: str) -> Iterator[str]:
+    """Every *.tar.xz file under root, sorted, without following symlinks."""
+    for entry in walk_root(root):
+        if entry.path.endswith(".tar.xz") and stat.S_ISREG(entry.st.st_mode):
+            yield os.path.join(root, entry.path)
 
 
 # ---------------------------------------------------------------------------
@@ -2209,71 +3726,100 @@ def copy_member(
 # ---------------------------------------------------------------------------
 
 RANDOM_ACCESS_BLOCK = 2 * BLOCK_SIZE  # larger Blocks are spooled, not re-read
+STRUCTURE_CHECKS = ("xz", "seekable", "tar", "names")  # what repack must get right
 
 
 def canonical_headers(
     members: Sequence[tarfile.TarInfo], source_date_epoch: int | None = None
-) -> list[tuple[tarfile.TarInfo, tarfile.TarInfo]]:
-    """(canonical header, original member) pairs in packdebug's member order.
+) -> list[tuple[tarfile.TarInfo, tarfile.TarInfo | None]]:
+    """(canonical header, member holding its data) pairs, in packdebug's order.
 
-    Names are normalized, headers made reproducible as pack makes them, and
-    of each set of hardlinked names the first in the new order holds the data.
+    Names are normalized and headers made by reproducible_header, as pack
+    makes them; of each set of hardlinked names the first in the new order
+    holds the data, the others become hardlinks to it.
     """
-    data_of: dict[str, str] = {}  # hardlink name -> name of the member with its data
-    for info in members:
-        if info.islnk():
-            target = normalize_name(info.linkname)
-            data_of[normalize_name(info.name)] = data_of.get(target, target)
-    ordered = sorted(members, key=lambda i: canonical_key(i.name))
-    holder: dict[str, str] = {}  # original data member -> first name in the new order
+    by_name = {normalize_name(i.name): i for i in members}
+    holder: dict[int, str] = {}  # id(member with the data) -> its first new name
     pairs = []
-    for info in ordered:
+    for info in sorted(members, key=lambda i: canonical_key(i.name)):
         name = normalize_name(info.name)
-        new = tarfile.TarInfo(name)
-        new.mode, new.uid, new.gid, new.uname, new.gname = (
-            info.mode & 0o777,
-            0,
-            0,
-            "root",
-            "root",
-        )
-        mtime = int(info.mtime)
-        new.mtime = (
-            mtime if source_date_epoch is None else min(mtime, source_date_epoch)
-        )
-        original = data_of.get(name, name) if (info.islnk() or info.isreg()) else None
-        if info.isdir():
-            new.type = tarfile.DIRTYPE
-        elif info.issym():
-            new.type, new.linkname = tarfile.SYMTYPE, info.linkname
-        elif original is not None and original in holder:
-            new.type, new.linkname = tarfile.LNKTYPE, holder[original]
-        elif original is not None:
-            holder[original] = name
-            new.type = tarfile.REGTYPE
-        else:
-            raise ArchiveError(
-                f"member {info.name!r}: a {info.type!r} member cannot be repacked"
+        if info.isdir() or info.issym():
+            kind = tarfile.DIRTYPE if info.isdir() else tarfile.SYMTYPE
+            new = reproducible_header(
+                name, kind, info.mode, info.mtime, source_date_epoch
             )
-        pairs.append((new, info))
-    _date_directories([new for new, _ in pairs])
+            new.linkname = info.linkname if info.issym() else ""
+            pairs.append((new, None))
+            continue
+        data = _data_member(info, by_name)
+        if id(data) in holder:
+            new = reproducible_header(
+                name, tarfile.LNKTYPE, info.mode, info.mtime, source_date_epoch
+            )
+            new.linkname = holder[id(data)]
+        else:
+            holder[id(data)] = name
+            new = reproducible_header(
+                name,
+                tarfile.REGTYPE,
+                info.mode,
+                info.mtime,
+                source_date_epoch,
+                data.size,
+            )
+        pairs.append((new, data))
+    date_directories([new for new, _ in pairs])
     return pairs
 
 
-def _data_sources(
-    pairs, members: Sequence[tarfile.TarInfo]
-) -> dict[str, tarfile.TarInfo]:
-    """For each new regular member, the original member that holds its data."""
-    by_name = {normalize_name(i.name): i for i in members}
-    sources = {}
-    for new, info in pairs:
-        if new.type == tarfile.REGTYPE:
-            original = info
-            while original.islnk():
-                original = by_name[normalize_name(original.linkname)]
-            new.size = original.size
-            sources[new.name] = original
-    return sources
+def _data_member(info: tarfile.TarInfo, by_name: Mapping) -> tarfile.TarInfo:
+    """The regular member whose data a file or hardlink member has."""
+    if not (info.isreg() or info.islnk()):
+        raise ArchiveError(
+            f"member '{shown(info.name)}': a {info.type!r} member cannot be repacked"
+        )
+    if info.islnk():
+        target = by_name.get(normalize_name(info.linkname))
+        if target is None or not (target.isreg() or target.islnk()):
+            raise ArchiveError(
+                f"hardlink '{shown(info.name)}' to {shown(info.linkname)}, which is not "
+                "a file of the archive"
+            )
+    resolved = resolve_link(info, by_name).member
+    if resolved is None:
+        raise ArchiveError(
+            f"hardlink '{shown(info.name)}': its data is not in the archive"
+        )
+    return resolved
+
+
+def repack_reasons(verification: Verification, pairs) -> list[str]:
+    """What makes an archive differ from what packdebug would write."""
+    reasons = [
+        c.detail for c in verification.checks if c.name == "seekable" and not c.ok
+    ]
+    if any(name_problems(i.name) for i in verification.members):
+        reasons.append("member names are not clean")
+    by_new = {new.name: new for new, _ in pairs}
+    order = [normalize_name(i.name) for i in verification.members]
+    if order != [new.name for new, _ in pairs]:
+        reasons.append("members are not in packdebug's order")
+    elif any(
+        getattr(by_new[normalize_name(i.name)], f) != getattr(i, f)
+        for i in verification.members
+        for f in HEADER_FIELDS
+    ):
+        reasons.append("headers are not reproducible (owner, mode, mtime or type)")
+    return reasons
+
+
+@dataclasses.dataclass
+class RepackResult:
+    path: str
+    reasons: list[str]
+    old_size: int
+    new_size: int | None = None  # None: not written
+    decoded: int = 0  # uncompressed bytes read from the old tarball
 
 
 def _spool(
@@ -2292,7 +3838,7 @@ def _spool(
     spool = stack.enter_context(tempfile.TemporaryFile(dir=directory))  # noqa: SIM115 (closed by the stack)
     offset = 0
     while offset < archive.reader.size:
-        chunk = archive.reader.pread(offset, READ_CHUNK)
+        chunk = archive.reader.read_at(offset, READ_CHUNK)
         spool.write(chunk)
         offset += len(chunk)
     spool.flush()
@@ -2308,30 +3854,6 @@ def _spool(
     return data
 
 
-@dataclasses.dataclass
-class RepackResult:
-    path: str
-    reasons: list[str]
-    old_size: int
-    new_size: int | None = None  # None: not written
-
-
-def repack_reasons(verification: Verification, pairs) -> list[str]:
-    """What makes an archive differ from what packdebug would write."""
-    reasons = [
-        c.detail for c in verification.checks if c.name == "seekable" and not c.ok
-    ]
-    originals = [info for _, info in pairs]
-    if any(name_problems(i.name) for i in verification.members):
-        reasons.append("member names are not clean")
-    if originals != verification.members:
-        reasons.append("members are not in packdebug's order")
-    fields = ("mode", "uid", "gid", "uname", "gname", "mtime", "type")
-    if any(getattr(new, f) != getattr(info, f) for new, info in pairs for f in fields):
-        reasons.append("headers are not reproducible (owner, mode, mtime or type)")
-    return reasons
-
-
 def repack_archive(
     path: str,
     options: PackOptions,
@@ -2339,14 +3861,16 @@ def repack_archive(
     force: bool = False,
     dry_run: bool = False,
     source_date_epoch: int | None = None,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
+    spool_above: int = RANDOM_ACCESS_BLOCK,
 ) -> RepackResult:
     """Rewrite one tarball in packdebug's layout, atomically, under its name.
 
     The archive must first pass verify's integrity checks (xz, tar); then its
     members are rewritten in canonical order with reproducible headers, their
-    data byte for byte.  An archive already canonical is left alone unless
-    `force`.
+    data byte for byte.  The new file must pass verify (structure, and every
+    check the old one passed) before it replaces the old one.  An archive
+    already canonical is left alone unless `force`.
     """
     verification = _repackable(path)
     pairs = canonical_headers(verification.members, source_date_epoch)
@@ -2354,23 +3878,46 @@ def repack_archive(
         path, repack_reasons(verification, pairs), os.path.getsize(path)
     )
     with contextlib.ExitStack() as stack:
-        archive = Archive(path)
-        stack.callback(archive.close)
-        entries = _canonical_entries(archive, pairs, verification.members, stack)
+        archive = stack.enter_context(Archive(path))
+        blocks = archive.reader.layout.blocks
+        big = max((b.uncompressed_size for b in blocks), default=0) > spool_above
+        read = _spool(archive, stack) if big else archive.data
 
-        def payloads() -> Iterator[bytes]:
+        def payloads() -> Iterator[bytearray]:
+            entries = [
+                (
+                    new,
+                    functools.partial(_counted, read, data, progress)
+                    if data
+                    else tuple,
+                )
+                for new, data in pairs
+            ]
             return tar_blocks(entries, options.block_size, options.large_member)
 
         if not result.reasons:
             same = _same_blocks(archive, payloads())
             if same and not force:
+                result.decoded = archive.reader.decoded
                 return result
             result.reasons.append(
                 "--force" if same else "xz blocks are not in packdebug's layout"
             )
         if not dry_run:
-            result.new_size = write_blocks(payloads(), path, options, progress).size
+            check = functools.partial(_check_repacked, verification)
+            target = OutputTarget.at(path)
+            result.new_size = write_blocks(
+                payloads(), target, options, progress, check
+            ).size
+        result.decoded = archive.reader.decoded
     return result
+
+
+def _counted(read, info: tarfile.TarInfo, progress: Progress | None) -> Iterator[bytes]:
+    for chunk in read(info):
+        if progress:
+            progress.read(len(chunk))
+        yield chunk
 
 
 def _repackable(path: str) -> Verification:
@@ -2381,35 +3928,34 @@ def _repackable(path: str) -> Verification:
     ]
     if failed:
         raise ArchiveError(
-            f"{path}: fails verification, left untouched: {'; '.join(failed)}"
+            f"fails verification, left untouched: {'; '.join(failed)}", path
         )
+    if not verification.members:
+        raise ArchiveError("holds no members: nothing to repack, left untouched", path)
     for info in verification.members:
-        if {"absolute path", "'..' component"} & set(name_problems(info.name)):
+        if set(ESCAPING_NAMES) & set(name_problems(info.name)):
             raise ArchiveError(
-                f"{path}: member {info.name!r} escapes the archive root, left untouched"
+                f"member '{shown(info.name)}' escapes the archive root, left untouched",
+                path,
             )
     return verification
 
 
-def _canonical_entries(
-    archive: Archive, pairs, members, stack: contextlib.ExitStack
-) -> list:
-    """(header, data) entries for tar_blocks, reading the data from the archive."""
-    sources = _data_sources(pairs, members)
-    big = (
-        max((b.uncompressed_size for b in archive.reader.layout.blocks), default=0)
-        > RANDOM_ACCESS_BLOCK
-    )
-    read = _spool(archive, stack) if big else archive.data
-    return [
-        (
-            new,
-            functools.partial(read, sources[new.name])
-            if new.name in sources
-            else tuple,
-        )
-        for new, _ in pairs
+def _check_repacked(before: Verification, temporary: str) -> None:
+    """The new tarball must pass verify where it matters, before it replaces the old."""
+    after = verify_archive(temporary)
+    passed_before = {c.name for c in before.checks if c.ok}
+    failed = [
+        c
+        for c in after.checks
+        if not c.ok and (c.name in STRUCTURE_CHECKS or c.name in passed_before)
     ]
+    if failed:
+        details = "; ".join(f"{c.name}: {c.detail}" for c in failed)
+        raise ArchiveError(
+            f"the repacked tarball would fail verify ({details}); left untouched",
+            before.path,
+        )
 
 
 def _same_blocks(archive: Archive, payloads: Iterable[bytes]) -> bool:
@@ -2422,7 +3968,7 @@ def _same_blocks(archive: Archive, payloads: Iterable[bytes]) -> bool:
         block = next(blocks, None)
         if block is None or block.uncompressed_size != len(payload):
             return False
-        if archive.reader.pread(block.uncompressed_offset, len(payload)) != payload:
+        if archive.reader.read_at(block.uncompressed_offset, len(payload)) != payload:
             return False
     return next(blocks, None) is None
 
@@ -2469,6 +4015,16 @@ def version_cmp(a: str, b: str) -> int:
     return _cmp(int(ma[4] or 0), int(mb[4] or 0))
 
 
+def split_pf(pf: str) -> tuple[str, str] | None:
+    """(PN, version) of a PF, or None: PN never ends in -VERSION (PMS 3.1.2)."""
+    for match in re.finditer("-", pf):
+        pn, version = pf[: match.start()], pf[match.end() :]
+        valid_pn = _PORTAGE_NAME.fullmatch(pn) and not re.search(rf"-{_VERSION}$", pn)
+        if re.fullmatch(_VERSION, version) and valid_pn:
+            return pn, version
+    return None
+
+
 @dataclasses.dataclass
 class DebugTarball:
     """A tarball under the root, named as pack and Portage name them."""
@@ -2489,9 +4045,9 @@ class DebugTarball:
             stem = os.path.join(
                 pkgdir, self.category, self.pn, f"{self.pf}-{self.build_id}"
             )
-            return [stem + ".gpkg.tar", stem + ".xpak"]
+            return [stem + suffix for suffix in BINPKG_SUFFIXES_MULTI]
         stem = os.path.join(pkgdir, self.category, self.pf)
-        return [stem + ".gpkg.tar", stem + ".tbz2"]
+        return [stem + suffix for suffix in BINPKG_SUFFIXES_SINGLE]
 
 
 def parse_tarball_name(
@@ -2517,74 +4073,178 @@ class PruneDecision:
 class PrunePlan:
     decisions: list[PruneDecision]
     unrecognised: list[str]  # relative paths, kept
+    layout_hint: str = ""  # when the root does not look like CAT/PN/
 
     @property
     def removals(self) -> list[PruneDecision]:
         return [d for d in self.decisions if d.remove]
 
+    def emptied_packages(self) -> tuple[int, int]:
+        """(packages that would lose every tarball, packages)."""
+        packages: dict[tuple[str, str], bool] = {}
+        for d in self.decisions:
+            key = (d.tarball.category, d.tarball.pn)
+            packages[key] = packages.get(key, True) and d.remove
+        return sum(packages.values()), len(packages)
 
-def scan_tarballs(root: str) -> tuple[list[DebugTarball], list[str]]:
-    """The tarballs under root, and every other entry (kept as unrecognised).
 
-    Never follows a symlink: a symlinked directory or file is unrecognised.
-    Hidden names (a pack's temporary files) are passed over silently.
+def scan_tarballs(root: str) -> tuple[list[DebugTarball], list[str], str]:
+    """The tarballs under root, every other entry (kept as unrecognised), and a hint.
+
+    Tarballs sit at CAT/PN/PF[-BUILD_ID]-debug.tar.xz.  Never follows a
+    symlink: a symlinked directory or file is unrecognised.
     """
-    tarballs, unrecognised = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        depth = 0 if rel == "." else rel.count("/") + 1
-        for name in sorted(dirnames):
-            if os.path.islink(os.path.join(dirpath, name)) or depth >= 2:
-                unrecognised.append(os.path.normpath(os.path.join(rel, name)))
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if depth < 2 and not os.path.islink(os.path.join(dirpath, d))
-        )
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            path = os.path.normpath(os.path.join(rel, name))
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                continue  # removed meanwhile, by another prune
-            parsed = parse_tarball_name(*rel.split("/"), name) if depth == 2 else None
-            if parsed is None or not stat.S_ISREG(st.st_mode):
-                unrecognised.append(path)
-                continue
-            category, pn = rel.split("/")
-            tarballs.append(
-                DebugTarball(
-                    path, category, pn, *parsed, st.st_size, st.st_mtime, st.st_ino
-                )
+    tarballs, unrecognised, misplaced = [], [], collections.Counter()
+    for entry in walk_root(root, max_depth=3):
+        parts = entry.path.split("/")
+        if entry.is_dir and entry.depth <= 2:
+            continue
+        if entry.is_dir or not stat.S_ISREG(entry.st.st_mode):
+            unrecognised.append(entry.path)
+            continue
+        parsed = parse_tarball_name(*parts[:2], parts[2]) if entry.depth == 3 else None
+        if parsed is None:
+            unrecognised.append(entry.path)
+            if parts[-1].endswith(TARBALL_SUFFIX):
+                misplaced[entry.depth] += 1
+            continue
+        tarballs.append(
+            DebugTarball(
+                entry.path,
+                *parts[:2],
+                *parsed,
+                entry.st.st_size,
+                entry.st.st_mtime,
+                entry.st.st_ino,
             )
-    return tarballs, unrecognised
+        )
+    hint = ""
+    if not tarballs and misplaced:
+        depth = max(misplaced, key=misplaced.__getitem__)
+        hint = (
+            f"--root should hold CAT/PN/PF-BUILD_ID{TARBALL_SUFFIX}; these tarballs are "
+            f"{depth} level{'s' * (depth != 1)} down instead of 3: is --root "
+            + (
+                "too deep (give the directory that holds the categories)?"
+                if depth < 3
+                else "too high?"
+            )
+        )
+    return tarballs, unrecognised, hint
 
 
-def installed_instances(vardb: str) -> set[tuple[str, str, str | None]]:
+@dataclasses.dataclass
+class BinpkgIndex:
+    """What PKGDIR holds: Portage's Packages index and the binpkg files."""
+
+    pkgdir: str
+    listed: set[tuple[str, str | None]]  # (CATEGORY/PF, BUILD_ID) from Packages
+
+    def find(self, tarball: DebugTarball) -> str | None:
+        """The binpkg of this tarball, by file or by index entry, or None."""
+        for path in tarball.binpkgs(self.pkgdir):
+            if os.path.exists(path):
+                return path
+        if (f"{tarball.category}/{tarball.pf}", tarball.build_id) in self.listed:
+            return (
+                os.path.join(self.pkgdir, "Packages")
+                + f" (lists {tarball.category}/{tarball.pf})"
+            )
+        return None
+
+
+def read_binpkg_index(pkgdir: str) -> BinpkgIndex:
+    """PKGDIR's layout, checked before prune plans anything.
+
+    Portage's PKGDIR/Packages index (bintree.py), when present, lists the
+    binpkgs; otherwise binpkgs must sit where Portage writes them,
+    CAT/PN/PF-BUILD_ID.gpkg.tar (or .xpak) or CAT/PF.gpkg.tar (or .tbz2).
+    A PKGDIR matching neither is refused: a wrong --pkgdir would make every
+    tarball look orphaned.
+    """
+    packages = os.path.join(pkgdir, "Packages")
+    try:
+        with open(packages, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = None
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror}", packages) from None
+    if text is not None:
+        listed = _parse_packages(text)
+        if listed is not None:
+            return BinpkgIndex(pkgdir, listed)
+    if not _has_portage_binpkgs(pkgdir):
+        raise UsageError(
+            "holds no binary packages where Portage puts them (CAT/PN/PF-BUILD_ID.gpkg.tar "
+            "or CAT/PF.gpkg.tar) and no Packages index, so every tarball would look "
+            "orphaned; is --pkgdir the directory that holds the categories? Nothing was removed",
+            pkgdir,
+        )
+    return BinpkgIndex(pkgdir, set())
+
+
+def _parse_packages(text: str) -> set[tuple[str, str | None]] | None:
+    """(CPV, BUILD_ID) of each entry of a Packages index; None if it is not one."""
+    stanzas = [s for s in re.split(r"\n\s*\n", text) if s.strip()]
+    if not stanzas:
+        return None
+    fields = [
+        dict(re.findall(r"^([A-Z_0-9]+): ?(.*)$", s, re.MULTILINE)) for s in stanzas
+    ]
+    if "CPV" in fields[0] or not (
+        {"VERSION", "PACKAGES", "TIMESTAMP"} & fields[0].keys()
+    ):
+        return None  # Portage's index starts with a header stanza
+    return {(f["CPV"], f.get("BUILD_ID") or None) for f in fields[1:] if "CPV" in f}
+
+
+def _has_portage_binpkgs(pkgdir: str) -> bool:
+    for entry in walk_root(pkgdir, max_depth=3):
+        parts = entry.path.split("/")
+        name = parts[-1]
+        if entry.depth == 3 and name.endswith(BINPKG_SUFFIXES_MULTI):
+            stem = name[
+                : -len(next(s for s in BINPKG_SUFFIXES_MULTI if name.endswith(s)))
+            ]
+            pf, _, build_id = stem.rpartition("-")
+            if build_id.isdigit() and (split_pf(pf) or ("",))[0] == parts[1]:
+                return True
+        suffix = next(
+            (s for s in (*BINPKG_SUFFIXES_SINGLE, ".xpak") if name.endswith(s)), ""
+        )
+        if entry.depth == 2 and suffix and split_pf(name[: -len(suffix)]):
+            return True
+    return False
+
+
+def installed_instances(vardb: str, log: Log) -> set[tuple[str, str, str | None]]:
     """(CATEGORY, PF, BUILD_ID) of every installed package in the vardb."""
     installed = set()
-    for category in os.listdir(vardb):
-        cat_dir = os.path.join(vardb, category)
-        if not os.path.isdir(cat_dir) or category.startswith("."):
+    for entry in walk_root(vardb, max_depth=2):
+        if entry.depth != 2 or not entry.is_dir:
             continue
-        for pf in os.listdir(cat_dir):
-            try:
-                with open(os.path.join(cat_dir, pf, "BUILD_ID"), encoding="utf-8") as f:
-                    build_id = f.read().strip() or None
-            except FileNotFoundError:
-                build_id = None
-            except NotADirectoryError:
-                continue
-            installed.add((category, pf, build_id))
+        category, pf = entry.path.split("/")
+        path = os.path.join(vardb, entry.path, "BUILD_ID")
+        try:
+            with open(path, encoding="utf-8") as f:
+                build_id = f.read().strip() or None
+        except FileNotFoundError:
+            build_id = None
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning(
+                f"{shown(path)}: unreadable ({getattr(e, 'strerror', None) or 'not UTF-8'}); "
+                f"{category}/{pf} counts as installed without a BUILD_ID"
+            )
+            build_id = None
+        installed.add((category, pf, build_id))
     return installed
 
 
 def plan_prune(
     root: str,
-    pkgdir: str,
-    vardb: str,
+    binpkgs: BinpkgIndex,
+    installed: set,
     keep_newest: int,
     min_age_days: float,
     now: float,
@@ -2595,8 +4255,7 @@ def plan_prune(
     of the installed instance, it is older than min_age_days, and it is not
     among the keep_newest newest (by version, then BUILD_ID) of its CAT/PN.
     """
-    tarballs, unrecognised = scan_tarballs(root)
-    installed = installed_instances(vardb)
+    tarballs, unrecognised, hint = scan_tarballs(root)
     by_package: dict[tuple[str, str], list[DebugTarball]] = {}
     for t in tarballs:
         by_package.setdefault((t.category, t.pn), []).append(t)
@@ -2605,10 +4264,10 @@ def plan_prune(
         group.sort(key=functools.cmp_to_key(_newer_first))
         newest.update(t.path for t in group[:keep_newest])
     decisions = [
-        _decide(t, pkgdir, installed, newest, keep_newest, min_age_days, now)
+        _decide(t, binpkgs, installed, t.path in newest, keep_newest, min_age_days, now)
         for t in tarballs
     ]
-    return PrunePlan(decisions, unrecognised)
+    return PrunePlan(decisions, unrecognised, hint)
 
 
 def _newer_first(a: DebugTarball, b: DebugTarball) -> int:
@@ -2620,24 +4279,24 @@ def _newer_first(a: DebugTarball, b: DebugTarball) -> int:
 
 def _decide(
     t: DebugTarball,
-    pkgdir: str,
+    binpkgs: BinpkgIndex,
     installed: set,
-    newest: set,
+    is_newest: bool,
     keep: int,
     min_age: float,
     now: float,
 ) -> PruneDecision:
-    binpkg = next((p for p in t.binpkgs(pkgdir) if os.path.exists(p)), None)
+    binpkg = binpkgs.find(t)
     age_days = (now - t.mtime) / DAY
     if binpkg:
-        return PruneDecision(t, False, f"binary package {binpkg} exists")
+        return PruneDecision(t, False, f"binary package {shown(binpkg)} exists")
     if (t.category, t.pf, t.build_id) in installed:
         return PruneDecision(t, False, "debug info of the installed instance")
     if age_days < min_age:
         return PruneDecision(
             t, False, f"only {age_days:.1f} days old (--min-age {min_age:g})"
         )
-    if t.path in newest:
+    if is_newest:
         return PruneDecision(
             t, False, f"among the {keep} newest of {t.category}/{t.pn} (--keep-newest)"
         )
@@ -2653,38 +4312,38 @@ def execute_prune(root: str, plan: PrunePlan, log: Log) -> list[PruneDecision]:
     emptied: set[tuple[str, ...]] = set()
     try:
         for decision in plan.removals:
-            t = decision.tarball
-            *dirs, name = t.path.split("/")
-            try:
-                fd = _open_beneath(root_fd, dirs)
-            except FileNotFoundError:
-                continue  # another prune removed it and its directory
-            except OSError as e:
-                log.warning(
-                    f"{os.path.join(root, t.path)}: kept, cannot reach it without following a link ({e.strerror})"
-                )
-                continue
-            try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_size) != (
-                    t.ino,
-                    t.size,
-                ):
-                    log.warning(
-                        f"{os.path.join(root, t.path)}: kept, it changed since it was examined"
-                    )
-                    continue
-                os.unlink(name, dir_fd=fd)
-            except FileNotFoundError:
-                continue  # another prune got there first
-            finally:
-                os.close(fd)
-            removed.append(decision)
-            emptied.add(tuple(dirs))
+            if _remove_tarball(root_fd, root, decision.tarball, log):
+                removed.append(decision)
+                emptied.add(tuple(decision.tarball.path.split("/")[:-1]))
         _remove_emptied(root_fd, emptied)
     finally:
         os.close(root_fd)
     return removed
+
+
+def _remove_tarball(root_fd: int, root: str, t: DebugTarball, log: Log) -> bool:
+    *dirs, name = t.path.split("/")
+    full = os.path.join(root, t.path)
+    try:
+        fd = open_beneath(root_fd, dirs)
+    except FileNotFoundError:
+        return False  # another prune removed it and its directory
+    except OSError as e:
+        log.warning(
+            f"{shown(full)}: kept, cannot reach it without following a link ({e.strerror})"
+        )
+        return False
+    try:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_size) != (t.ino, t.size):
+            log.warning(f"{shown(full)}: kept, it changed since it was examined")
+            return False
+        os.unlink(name, dir_fd=fd)
+        return True
+    except FileNotFoundError:
+        return False  # another prune got there first
+    finally:
+        os.close(fd)
 
 
 def _remove_emptied(root_fd: int, dirs: set[tuple[str, ...]]) -> None:
@@ -2693,7 +4352,7 @@ def _remove_emptied(root_fd: int, dirs: set[tuple[str, ...]]) -> None:
         if not parts:
             continue
         try:
-            fd = _open_beneath(root_fd, parts[:-1])
+            fd = open_beneath(root_fd, parts[:-1])
         except OSError:
             continue
         try:
@@ -2708,7 +4367,7 @@ def _remove_emptied(root_fd: int, dirs: set[tuple[str, ...]]) -> None:
 # 6. binhost upkeep: settings
 # ---------------------------------------------------------------------------
 
-PORTAGE_CHECKED = "3.0.83"  # the Portage release these settings were read in
+PORTAGE_CHECKED = "3.0.83"  # the Portage release these settings were tried with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2721,46 +4380,104 @@ class Setting:
     why: str
 
 
+# Each line is there because a real emerge went wrong without it (the tests
+# in test_packdebug.py "real Portage" show it).  COLLISION_IGNORE is not one
+# of them: Portage checks collisions on the image before pre_pkg_preinst
+# runs the hook, so the hook's tarball is never checked (vartree.py
+# treewalk); only Portage's own FEATURES=packdebug needs it, and sets it.
 SETTINGS = (
     Setting(
         "UNINSTALL_IGNORE",
         "/usr/lib/debug/.tarball/*",
         "make.conf",
-        "keeps old debug tarballs when their package is upgraded or removed, so clients "
-        "still running old binaries can fetch symbols. emerge reads it from its own "
-        "configuration, never from the ebuild environment (special_env_vars.py "
-        "environ_filter; vartree.py unmerge), so bashrc cannot set it.",
-    ),
-    Setting(
-        "COLLISION_IGNORE",
-        "/usr/lib/debug/.tarball/*",
-        "make.conf",
-        "tarballs kept by UNINSTALL_IGNORE belong to no package; without this a rebuild "
-        "that writes one again stops on a file collision (vartree.py _collision_protect). "
-        "Read by emerge like UNINSTALL_IGNORE, so bashrc cannot set it.",
+        "without it an upgrade or unmerge deletes the old version's tarball, which "
+        "clients still running the old binaries need (Portage sets this itself only for "
+        "its own FEATURES=packdebug). emerge reads it from make.conf, never from the "
+        "ebuild environment, so bashrc cannot set it.",
     ),
     Setting(
         "PKG_INSTALL_MASK",
         "/usr/lib/debug/ /usr/src/debug/",
         "make.conf or bashrc",
-        "keeps split debug info out of binary packages; clients fetch it through "
-        "debuginfod. The package phase reads build-info/PKG_INSTALL_MASK, saved from the "
-        "ebuild environment at the end of src_install (phase-functions.sh), so bashrc works too.",
+        "without it every binary package carries the split debug info too: the package "
+        "phase builds the binpkg before pre_pkg_preinst packs the tarball. Clients fetch "
+        "debug info through debuginfod instead. Portage saves it from the ebuild "
+        "environment at the end of src_install (phase-functions.sh), so bashrc works too.",
     ),
 )
 
-DEDUP_SETTING = Setting(
-    "INSTALL_MASK",
-    "/usr/lib/debug/ /usr/src/debug/ -/usr/lib/debug/.tarball",
-    "make.conf or bashrc",
-    "binhost only: do not keep the debug info twice, on disk and in the tarball (a "
-    "leading '-' excepts a path; the last match wins). Portage applies INSTALL_MASK "
-    "when merging, BEFORE pkg_preinst (vartree.py treewalk: preinst_mask, then the "
-    "preinst phase), so this suits Portage's own FEATURES=packdebug, which packs in the "
-    "package phase. packdebug's pre_pkg_preinst hook would find the debug info gone: "
-    "with packdebug, leave this out and use `pack --remove-packed` "
-    "(`packdebug settings --bashrc --dedup`).",
-)
+DEDUP_NOTE = """\
+Not keeping the debug info twice on the binhost: with packdebug, let its hook
+delete what it packed, `packdebug settings --bashrc --dedup`, which runs
+`pack --remove-packed` once the tarball is in place. The man page's line
+below belongs to Portage's own FEATURES=packdebug only: Portage applies
+INSTALL_MASK before pkg_preinst (vartree.py treewalk), so with packdebug's
+hook it would remove the debug info before it is packed."""
+DEDUP_INSTALL_MASK = 'INSTALL_MASK="${INSTALL_MASK} /usr/lib/debug/ /usr/src/debug/ -/usr/lib/debug/.tarball"'
+
+
+def format_settings(settings: Sequence[Setting], fmt: str, dedup: bool = False) -> str:
+    """Render settings as make.conf lines, bashrc `export`s, or JSON."""
+    if fmt == "json":
+        rows = [dataclasses.asdict(s) for s in settings]
+        document = {"portage": PORTAGE_CHECKED, "settings": rows}
+        if dedup:
+            document["dedup"] = {
+                "note": " ".join(DEDUP_NOTE.split()),
+                "bashrc": bashrc_snippet(True),
+            }
+        return to_json(document)
+    lines = [
+        f"# Settings for packdebug tarballs (tried with Portage {PORTAGE_CHECKED})."
+    ]
+    for s in settings:
+        lines.append("")
+        lines.extend("# " + line for line in wrap(f"{s.where}: {s.why}", 76))
+        if fmt == "shell":
+            lines.append(
+                f'export {s.variable}="${{{s.variable}:+${{{s.variable}}} }}"{shlex.quote(s.append)}'
+            )
+        else:
+            lines.append(f'{s.variable}="${{{s.variable}}} {s.append}"')
+    if dedup:
+        lines += [
+            "",
+            *("# " + line for line in DEDUP_NOTE.splitlines()),
+            f"# {DEDUP_INSTALL_MASK}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def wrap(text: str, width: int) -> list[str]:
+    import textwrap  # imported here: only settings wrap text
+
+    return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+
+def bashrc_snippet(dedup: bool = False, command: str = "") -> str:
+    """A ready /etc/portage/bashrc hook that packs every merged package.
+
+    Portage's variables are shell variables in a phase, some readonly (ED,
+    PORTAGE_BUILDDIR: ebuild.sh portage_readonly_vars), so the hook never
+    assigns them: a subshell exports them and runs packdebug.  An unset
+    variable stays unset.
+    """
+    command = command or shlex.quote(os.path.realpath(__file__))
+    flags = "pack --remove-packed" if dedup else "pack"
+    return f"""\
+# packdebug: pack split debug info into a seekable debuginfod tarball.
+# pre_pkg_preinst is the first phase hook that sees the image after estrip
+# has split the debug info and after the package phase has written
+# build-info/BUILD_ID. pack prints one line into the build log (what it
+# packed, and where), warnings, or nothing for a binary package.
+# If this bashrc already has a pre_pkg_preinst, add the subshell to it.
+pre_pkg_preinst() {{
+\t(
+\t\texport ED D EPREFIX CATEGORY PN PF BUILD_ID PORTAGE_BUILDDIR EMERGE_FROM INSTALL_MASK
+\t\texec {command} {flags}
+\t) || die "packdebug could not pack the debug info"
+}}
+"""
 
 
 DEBUGINFOD_LISTEN = "127.0.0.1:8002"  # 8002 is debuginfod's default port
@@ -2784,6 +4501,13 @@ class DebuginfodSetup:
     version: tuple[int, int] | None  # None: unknown, assume the newest
     version_note: str
     database: str = DEBUGINFOD_DATABASE
+
+    def __post_init__(self) -> None:
+        # systemd ignores relative paths in BindReadOnlyPaths=, and debuginfod
+        # would resolve them against its own working directory.
+        self.root, self.pkgdir, self.database = (
+            os.path.abspath(p) for p in (self.root, self.pkgdir, self.database)
+        )
 
     @property
     def has_listen_address(self) -> bool:
@@ -2810,8 +4534,8 @@ class DebuginfodSetup:
         notes = [self.version_note]
         if not self.has_listen_address:
             notes.append(
-                f"--listen-address needs elfutils >= 0.193: this debuginfod listens on ALL addresses, "
-                f"port {self.port}; firewall it, or put it behind a reverse proxy"
+                "--listen-address needs elfutils >= 0.193: this debuginfod listens on ALL "
+                f"addresses, port {self.port}; firewall it, or put it behind a reverse proxy"
             )
         if self.version is not None and self.version < SEEKS_SINCE:
             notes.append(
@@ -2845,8 +4569,8 @@ class DebuginfodSetup:
         return f"""\
 # -*- conf-unix -*-
 # /etc/systemd/system/debuginfod.service, from `packdebug settings --debuginfod`.
-# The hardening follows the Portage pull request; packdebug's tests run the
-# command line, not this unit: check it with `systemd-analyze verify`.
+# The hardening follows the Portage pull request; packdebug's tests start this
+# unit under a real systemd and fetch through it.
 [Unit]
 Description=elfutils debuginfod: debug info and binaries of this binhost's packages
 Documentation=https://sourceware.org/elfutils/Debuginfod.html man:debuginfod(8)
@@ -2857,6 +4581,7 @@ DynamicUser=true
 ExecStart={exec_start}
 
 ProtectProc=invisible
+ProcSubset=pid
 CapabilityBoundingSet=CAP_DAC_OVERRIDE
 AmbientCapabilities=CAP_DAC_OVERRIDE
 NoNewPrivileges=true
@@ -2864,6 +4589,7 @@ ProtectSystem=strict
 ProtectHome=tmpfs
 PrivateTmp=on
 PrivateDevices=on
+DevicePolicy=closed
 PrivateIPC=on
 PrivateUsers=on
 ProtectClock=on
@@ -2873,9 +4599,16 @@ ProtectKernelModules=on
 ProtectKernelLogs=on
 ProtectControlGroups=on
 LockPersonality=on
+MemoryDenyWriteExecute=on
+RestrictNamespaces=on
+RestrictRealtime=on
 RestrictSUIDSGID=on
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
 PrivateMounts=on
+SystemCallArchitectures=native
 SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+UMask=0077
 UnsetEnvironment=DEBUGINFOD_URLS
 
 # The tarballs and binpkgs must be visible, and the .gpkg.tar decoder runs
@@ -2913,10 +4646,8 @@ def debuginfod_version(given: str | None) -> tuple[tuple[int, int] | None, str]:
         match = re.fullmatch(r"(\d+)\.(\d+)", given)
         if not match:
             raise UsageError(f"--debuginfod-version {given!r} is not like 0.192")
-        return (
-            int(match[1]),
-            int(match[2]),
-        ), f"written for debuginfod {given} (--debuginfod-version)"
+        version = int(match[1]), int(match[2])
+        return version, f"written for debuginfod {given} (--debuginfod-version)"
     import subprocess  # imported here: only this setting runs a program
 
     try:
@@ -2935,19 +4666,19 @@ def debuginfod_version(given: str | None) -> tuple[tuple[int, int] | None, str]:
             None,
             "debuginfod not found here: written for elfutils >= 0.193 (see --debuginfod-version)",
         )
-    return (
-        int(match[1]),
-        int(match[2]),
-    ), f"written for the installed debuginfod {match[1]}.{match[2]}"
+    version = int(match[1]), int(match[2])
+    return version, f"written for the installed debuginfod {match[1]}.{match[2]}"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
     """'127.0.0.1:8002', '[::1]:8002' -> (address, port) (argparse type)."""
     match = re.fullmatch(r"\[?([^\]]*?)\]?:(\d+)", text)
-    if not match or not match[1] or not 0 < int(match[2]) < 65536:
+    if not match or not match[1]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not ADDRESS:PORT, e.g. {DEBUGINFOD_LISTEN}"
         )
+    if not 0 < int(match[2]) < 65536:
+        raise argparse.ArgumentTypeError(f"port {match[2]} is out of range (1-65535)")
     return match[1], int(match[2])
 
 
@@ -2970,7 +4701,7 @@ def format_debuginfod(setup: DebuginfodSetup, fmt: str) -> str:
             current = []
         current.append(sh_quote(arg))
     lines = " \\\n    ".join(" ".join(g) for g in [*groups, current])
-    notes = "".join(f"# {line}\n" for note in setup.notes() for line in _wrap(note, 76))
+    notes = "".join(f"# {line}\n" for note in setup.notes() for line in wrap(note, 76))
     return f"""\
 # debuginfod for packdebug tarballs (-Z .tar.xz with no decoder, so it can seek)
 # and for binary packages (their executables), as in the Portage pull request.
@@ -2980,61 +4711,9 @@ def format_debuginfod(setup: DebuginfodSetup, fmt: str) -> str:
 
 {setup.unit()}
 # Clients: put this in their environment (e.g. /etc/env.d/99debuginfod, then
-# env-update), with the name clients reach the binhost by:
+# env-update), with the name clients reach the binhost by. gdb must have
+# debuginfod on before it loads a file: gdb -iex 'set debuginfod enabled on'.
 DEBUGINFOD_URLS="{setup.client_url()}"
-"""
-
-
-def portage_settings(dedup: bool = False) -> list[Setting]:
-    return [*SETTINGS, DEDUP_SETTING] if dedup else list(SETTINGS)
-
-
-def format_settings(settings: Sequence[Setting], fmt: str) -> str:
-    """Render settings as make.conf lines, bashrc `export`s, or JSON."""
-    if fmt == "json":
-        rows = [dataclasses.asdict(s) for s in settings]
-        return to_json({"portage": PORTAGE_CHECKED, "settings": rows})
-    lines = [
-        f"# Settings for packdebug tarballs (checked against Portage {PORTAGE_CHECKED})."
-    ]
-    for s in settings:
-        lines.append("")
-        lines.extend("# " + line for line in _wrap(f"{s.where}: {s.why}", 76))
-        if fmt == "shell":
-            lines.append(
-                f'export {s.variable}="${{{s.variable}:+${{{s.variable}}} }}"{shlex.quote(s.append)}'
-            )
-        else:
-            lines.append(f'{s.variable}="${{{s.variable}}} {s.append}"')
-    return "\n".join(lines) + "\n"
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}" if line else word
-    return lines + [line] if line else lines
-
-
-def bashrc_snippet(dedup: bool = False, command: str = "") -> str:
-    """A ready /etc/portage/bashrc hook that packs every merged package."""
-    command = command or shlex.quote(os.path.realpath(__file__))
-    flags = "pack -q --remove-packed" if dedup else "pack -q"
-    return f"""\
-# packdebug: pack split debug info into a seekable debuginfod tarball.
-# pre_pkg_preinst is the first phase hook that sees the image after estrip
-# has split the debug info and after the package phase has written
-# build-info/BUILD_ID. If this bashrc already has a pre_pkg_preinst,
-# add the command below to it instead.
-pre_pkg_preinst() {{
-\tED="${{ED}}" CATEGORY="${{CATEGORY}}" PN="${{PN}}" PF="${{PF}}" \\
-\tBUILD_ID="${{BUILD_ID}}" PORTAGE_BUILDDIR="${{PORTAGE_BUILDDIR}}" \\
-\t\t{command} {flags} || die "packdebug could not pack the debug info"
-}}
 """
 
 
@@ -3042,253 +4721,35 @@ pre_pkg_preinst() {{
 # 7. command line
 # ---------------------------------------------------------------------------
 
-
-@dataclasses.dataclass
-class PackTarget:
-    image: str  # ${ED}
-    output: str
-    build_id: str | None
-
-
-def resolve_pack_target(args: argparse.Namespace, environ: dict) -> PackTarget:
-    """ED, CATEGORY, PN, PF and BUILD_ID from flags, else as Portage sets them."""
-    image = _image_dir(args, environ)
-    build_id = args.build_id or environ.get("BUILD_ID") or _build_id_file(environ)
-    if build_id is not None and not build_id.isdigit():
-        raise UsageError(
-            f"BUILD_ID {build_id!r} is not a number, as Portage's are; check --build-id"
-        )
-    if args.output:
-        output = os.path.abspath(args.output)
-        _check_output(image, output)
-        return PackTarget(image, output, build_id)
-    names = {
-        var: _portage_name(var, getattr(args, var.lower()), environ)
-        for var in ("CATEGORY", "PN", "PF")
-    }
-    stem = f"{names['PF']}-{build_id}" if build_id else names["PF"]
-    output = os.path.join(
-        image, TARBALL_DIR, names["CATEGORY"], names["PN"], stem + TARBALL_SUFFIX
-    )
-    return PackTarget(image, output, build_id)
-
-
-def _image_dir(args: argparse.Namespace, environ: dict) -> str:
-    eprefix = args.eprefix if args.eprefix is not None else environ.get("EPREFIX", "")
-    if args.image:
-        image = os.path.join(args.image, eprefix.lstrip("/"))
-    elif environ.get("ED"):
-        image = environ["ED"]
-    elif environ.get("D"):
-        image = os.path.join(environ["D"], eprefix.lstrip("/"))
-    else:
-        raise UsageError(
-            "no image: ED (or D and EPREFIX) is not set; run from a Portage phase hook, or pass --image"
-        )
-    if not os.path.isdir(image):
-        raise UsageError(
-            f"{image}: the image directory does not exist (check ED or --image)"
-        )
-    return os.path.abspath(image)
-
-
-def _build_id_file(environ: dict) -> str | None:
-    """BUILD_ID as the package phase saves it with binpkg-multi-instance."""
-    builddir = environ.get("PORTAGE_BUILDDIR")
-    if not builddir:
-        return None
-    try:
-        with open(
-            os.path.join(builddir, "build-info", "BUILD_ID"), encoding="utf-8"
-        ) as f:
-            return f.read().strip() or None
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise UsageError(
-            f"{builddir}/build-info/BUILD_ID: cannot read: {e.strerror}"
-        ) from None
-
-
-def _portage_name(var: str, flag_value: str | None, environ: dict) -> str:
-    value = flag_value or environ.get(var)
-    flag = PORTAGE_INPUTS[var]
-    if not value:
-        raise UsageError(
-            f"{var} is not set: run from a Portage phase hook, or pass {flag}"
-        )
-    if "/" in value or value in (".", "..") or "\0" in value:
-        raise UsageError(f"{var} {value!r} is not a valid name (check {flag})")
-    return value
-
-
-def _check_output(image: str, output: str) -> None:
-    inside = os.path.relpath(output, image)
-    for tree in DEBUG_TREES:
-        if (inside + "/").startswith(tree + "/") and not inside.startswith(
-            TARBALL_DIR + "/"
-        ):
-            raise UsageError(
-                f"{output}: --output inside {tree} would be packed next time; put it under {TARBALL_DIR}"
-            )
-
-
-def source_date_epoch(environ: dict) -> int | None:
-    value = environ.get("SOURCE_DATE_EPOCH")
-    if value is None or value == "":
-        return None
-    if not value.isdigit():
-        raise UsageError(
-            f"SOURCE_DATE_EPOCH={value!r} is not a whole number of seconds"
-        )
-    return int(value)
+DEMO_TARBALL = "/usr/lib/debug/.tarball/app-misc/hello/hello-1.0-1-debug.tar.xz"
+DEMO_IMAGE = "/var/tmp/portage/app-misc/hello-1.0/image"  # the examples' Portage image
 
 
 def cmd_pack(args: argparse.Namespace, log: Log) -> int:
-    target = resolve_pack_target(args, os.environ)
-    scan = scan_image(target.image, source_date_epoch(os.environ))
-    for path, kind in scan.skipped:
-        log.warning(
-            f"{os.fsdecode(os.path.join(scan.image, path))}: skipped, a {kind} cannot go in the tarball"
+    flags = {
+        name: getattr(args, name)
+        for name in (
+            "image",
+            "eprefix",
+            "category",
+            "pn",
+            "pf",
+            "build_id",
+            "output",
+            "remove_packed",
+            "dry_run",
+            "strict",
         )
-    if not scan.files:
-        log.info(
-            f"packdebug: nothing to pack: {target.image} has no files under {' or '.join(DEBUG_TREES)}"
-            + _install_mask_hint(os.environ)
-        )
-        return 0
-    _check_build_ids(scan, args.strict, log)
-    if target.build_id is None and not args.output:
-        log.info(
-            "packdebug: no BUILD_ID (FEATURES=binpkg-multi-instance off, or no binary package built): "
-            f"naming the tarball {os.path.basename(target.output)}"
-        )
-    if args.dry_run:
-        return _pack_dry_run(scan, target, args, log)
-    created = _make_parents(target.output)
-    progress = _progress(args, log, scan.data_size)
-    try:
-        result = write_tarball(scan, target.output, _pack_options(args), progress)
-    except BaseException:
-        _remove_dirs(created)
-        raise
-    finally:
-        if progress:
-            progress.clear()
-    _report_pack(scan, result, log)
-    if args.remove_packed:
-        files, dirs = remove_packed(scan, log)
-        log.info(
-            f"removed {files} packed files and {dirs} emptied directories from {target.image}"
-        )
+    }
+    request = request_from_environment(os.environ, flags)
+    pack(request, pack_options(args), log)
     return 0
 
 
-def _install_mask_hint(environ: dict) -> str:
-    masked = [
-        p
-        for p in environ.get("INSTALL_MASK", "").split()
-        if p.rstrip("/*") in ("/usr/lib/debug", "/usr/src/debug")
-    ]
-    if not masked:
-        return ""
-    return (
-        " (INSTALL_MASK removes them before pkg_preinst; pack with --remove-packed instead"
-        " of masking them)"
-    )
-
-
-def _check_build_ids(scan: ImageScan, strict: bool, log: Log) -> None:
-    bad = []
-    for m in scan.members:
-        full = os.fsdecode(os.path.join(scan.image, m.path))
-        if m.elf_error:
-            bad.append(f"{m.elf_error}: debuginfod cannot index it")
-        elif m.elf is not None and not m.elf.build_id:
-            bad.append(
-                f"{full}: debug ELF without a build-id: debuginfod cannot serve it (build with -Wl,--build-id)"
-            )
-    if bad and strict:
-        raise PackError("\n  ".join(["--strict: refusing to pack:", *bad]))
-    for message in bad:
-        log.warning(message)
-
-
-def _pack_options(args: argparse.Namespace) -> PackOptions:
+def pack_options(args: argparse.Namespace) -> PackOptions:
     return PackOptions(
-        args.preset, args.jobs, args.block_size or default_block_size(args.preset)
+        args.preset, args.jobs, args.block_size or 0, extreme=args.extreme
     )
-
-
-def default_block_size(preset: int) -> int:
-    """8 MiB, or the preset's dictionary if larger: -7 to -9 gain nothing otherwise."""
-    return max(BLOCK_SIZE, PRESET_DICT_SIZE[preset])
-
-
-def _pack_dry_run(
-    scan: ImageScan, target: PackTarget, args: argparse.Namespace, log: Log
-) -> int:
-    log.info(
-        f"would pack {len(scan.files)} files ({format_size(scan.data_size)}) into {target.output}"
-    )
-    for m in scan.members:
-        log.detail(f"  {m.info.name}")
-    if args.remove_packed:
-        files, dirs = removal_plan(scan)
-        for path in [m.path for m in files] + dirs:
-            log.info(f"would remove {os.fsdecode(os.path.join(scan.image, path))}")
-    return 0
-
-
-def _report_pack(scan: ImageScan, result: PackResult, log: Log) -> None:
-    for m in scan.members:
-        if not m.info.isdir():
-            build_id = f"  {m.elf.build_id}" if m.elf and m.elf.build_id else ""
-            log.detail(f"  {m.info.name}  {format_size(m.info.size)}{build_id}")
-    elf = [m for m in scan.members if m.is_debug_elf]
-    with_id = sum(1 for m in elf if m.elf and m.elf.build_id)
-    log.info(
-        f"packed {len(scan.files)} files ({format_size(scan.data_size)}; {with_id} of {len(elf)} debug ELF "
-        f"with a build-id) into {result.output}: {format_size(result.size)} in {result.blocks} xz blocks"
-    )
-
-
-class Progress:
-    """One self-updating line on a terminal: bytes read and written, rate, ETA."""
-
-    INTERVAL = 0.5  # seconds between redraws
-
-    def __init__(self, total: int, stream) -> None:
-        self.total, self.stream = max(total, 1), stream
-        self.start = self.last = time.monotonic()
-        self.drawn = False
-
-    def __call__(self, done: int, written: int) -> None:
-        now = time.monotonic()
-        if now - self.last < self.INTERVAL:
-            return
-        self.last, elapsed = now, now - self.start
-        rate = done / elapsed if elapsed else 0
-        eta = (self.total - min(done, self.total)) / rate if rate else 0
-        percent = min(100, 100 * done // self.total)
-        self.stream.write(
-            f"\r{percent:3d}%  {format_size(done)} read, {format_size(written)} written, "
-            f"{format_size(rate)}/s, ETA {int(eta) // 60}:{int(eta) % 60:02d}\x1b[K"
-        )
-        self.stream.flush()
-        self.drawn = True
-
-    def clear(self) -> None:
-        if self.drawn:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-
-
-def _progress(args: argparse.Namespace, log: Log, total: int) -> Progress | None:
-    """A progress line when stderr is a terminal and not -q; none in logs."""
-    if log.verbosity < 0 or not log.err.isatty():
-        return None
-    return Progress(total, log.err)
 
 
 def cmd_buildid(args: argparse.Namespace, log: Log) -> int:
@@ -3302,82 +4763,62 @@ def cmd_buildid(args: argparse.Namespace, log: Log) -> int:
             continue
         if build_id is None:
             log.warning(
-                f"{path}: no GNU build-id (not ELF, or linked without --build-id)"
+                f"{shown(path)}: no GNU build-id (not ELF, or linked without --build-id)"
             )
             status = 1
         else:
-            print(f"{build_id}  {path}", file=log.out)
+            log.write(f"{build_id}  {shown(path)}\n")
     return status
 
 
-def cmd_settings(args: argparse.Namespace, log: Log) -> int:
-    if args.debuginfod:
-        version, note = debuginfod_version(args.debuginfod_version)
-        address, port = args.listen
-        setup = DebuginfodSetup(
-            args.root, args.pkgdir, address, port, version, note, args.database
-        )
-        log.out.write(format_debuginfod(setup, args.format))
-        return 0
-    if args.bashrc:
-        snippet = bashrc_snippet(args.dedup)
-        text = to_json({"bashrc": snippet}) if args.format == "json" else snippet
-    else:
-        text = format_settings(portage_settings(args.dedup), args.format)
-    log.out.write(text)
-    return 0
-
-
-def iter_tarballs(root: str) -> Iterator[str]:
-    """Every *.tar.xz under root, sorted, without following symlinks."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            if (
-                name.endswith(".tar.xz")
-                and not name.startswith(".")
-                and not os.path.islink(path)
-            ):
-                yield path
-
-
 def cmd_list(args: argparse.Namespace, log: Log) -> int:
-    archive = Archive(args.tarball)
-    try:
-        rows = []
-        for row in list_archive(archive):
-            if row.problem:
-                log.warning(row.problem)
-            if args.json:
-                rows.append(dataclasses.asdict(row))
-                continue
-            link = f" -> {row.link}" if row.link else ""
-            log.info(
-                f"{row.kind:<10} {row.size:>11} {row.build_id or '-':<40} {row.name}{link}"
-            )
-        if args.json:
-            log.out.write(to_json({"tarball": archive.path, "members": rows}))
-    finally:
-        archive.close()
+    documents = []
+    for path in args.tarballs:
+        with Archive(path) as archive:
+            rows = []
+            if len(args.tarballs) > 1 and not args.json:
+                log.write(
+                    f"{'' if path == args.tarballs[0] else chr(10)}{shown(path)}:\n"
+                )
+            for row in list_archive(archive):
+                if row.problem:
+                    log.warning(row.problem)
+                if args.json:
+                    rows.append(dataclasses.asdict(row))
+                else:
+                    log.write(_list_row(row, args.verbosity > 0) + "\n")
+            documents.append({"tarball": archive.path, "members": rows})
+    if args.json:
+        log.write(to_json(documents[0] if len(documents) == 1 else documents))
     return 0
+
+
+def _list_row(row: Listing, verbose: bool) -> str:
+    link = f" -> {shown(row.link)}" if row.link else ""
+    extra = ""
+    if verbose:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(row.mtime))
+        extra = f"{row.mode:04o} {when} {row.offset:>11} {row.block:>5} "
+    return f"{row.kind:<10} {row.size:>11} {row.build_id or '-':<40} {extra}{shown(row.name)}{link}"
 
 
 def cmd_verify(args: argparse.Namespace, log: Log) -> int:
     status = 0
     for path in args.tarballs:
         try:
-            result = verify_archive(path)
+            result = verify_archive(path, all_problems=args.verbosity > 0)
         except PackdebugError as e:
-            log.info(f"{path}: FAILED\n  FAIL  {e}")
+            log.write(f"{shown(path)}: FAILED\n  FAIL  {e.reason}\n")
             status = 1
             continue
-        log.info(f"{path}: {'ok' if result.ok else 'FAILED'}")
-        for check in result.checks:
-            log.info(
-                f"  {'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}"
-            )
         status |= not result.ok
+        if result.ok and args.verbosity < 0:
+            continue
+        log.write(f"{shown(path)}: {'ok' if result.ok else 'FAILED'}\n")
+        for check in result.checks:
+            if check.ok and args.verbosity < 0:
+                continue
+            log.write(f"  {check.label}  {check.name}: {check.detail}\n")
     return status
 
 
@@ -3386,139 +4827,201 @@ def cmd_extract(args: argparse.Namespace, log: Log) -> int:
         raise UsageError(
             "--all goes with -C DIR (and no -o); --build-id and --member with -o FILE"
         )
-    archive = Archive(args.tarball, sequential=args.all)
-    try:
+    with Archive(args.tarball, sequential=args.all) as archive:
         if args.all:
             count = extract_all(archive, args.directory)
             log.info(
-                f"extracted {count} members of {archive.path} into {args.directory}"
+                f"extracted {plural(count, 'member')} of {shown(archive.path)} "
+                f"into {shown(args.directory)}"
             )
             return 0
         info = _member_to_extract(archive, args)
         output = args.output or os.path.basename(normalize_name(info.name))
         if output == "-":
-            _extract_to_stdout(archive, info)
+            _extract_to_stdout(archive, info, log)
         else:
-            with atomic_output(output, mode=info.mode & 0o777 or 0o644) as f:
+            with atomic_output(
+                OutputTarget.at(output), mode=info.mode & 0o777 or 0o644
+            ) as f:
                 copy_member(archive, info, f)
-            log.detail(f"extracted {info.name} ({format_size(info.size)}) to {output}")
-    finally:
-        archive.close()
+            log.detail(
+                f"extracted {shown(info.name)} ({format_size(info.size)}) to {shown(output)}"
+            )
     return 0
+
+
+def check_build_id(text: str, what: str = "--build-id") -> str:
+    build_id = text.lower()
+    if not re.fullmatch(r"[0-9a-f]{2,}", build_id):
+        raise UsageError(
+            f"{what} {text!r} is not a hexadecimal ELF build-id (`packdebug buildid FILE` prints one)"
+        )
+    return build_id
 
 
 def _member_to_extract(archive: Archive, args: argparse.Namespace) -> tarfile.TarInfo:
     if args.build_id:
-        build_id = args.build_id.lower()
-        if not re.fullmatch(r"[0-9a-f]{2,}", build_id):
-            raise UsageError(
-                f"--build-id {args.build_id!r} is not hexadecimal (see `packdebug buildid`)"
-            )
+        build_id = check_build_id(args.build_id)
         info = archive.find_build_id(build_id)
         if info is None:
-            raise ArchiveError(f"{archive.path}: no ELF with build-id {build_id}")
+            short = (
+                f"; a build-id has 40 hex digits (this has {len(build_id)}): give it whole"
+                if len(build_id) < 32
+                else ""
+            )
+            raise ArchiveError(f"no ELF with build-id {build_id}{short}", archive.path)
         return info
     found = archive.locate(args.member)
-    info = archive.resolve(found) if found is not None else None
-    if info is None:
-        what = "no member" if found is None else "no file behind the link"
+    if found is None:
         raise ArchiveError(
-            f"{archive.path}: {what} {args.member!r} (see `packdebug list`)"
+            f"no member '{shown(args.member)}'",
+            archive.path,
+            "`packdebug list` shows them",
         )
-    return info
+    resolution = archive.resolve(found)
+    if resolution.member is not None:
+        return resolution.member
+    if resolution.missing is not None:
+        executable = BUILD_ID_LINK.pattern  # .build-id/xx/yyyy -> the executable
+        hint = (
+            "executables are in the binary package, not the debug tarball"
+            if re.fullmatch(
+                re.escape(BUILD_ID_DIR) + r"/[0-9a-f]{2}/[0-9a-f]+",
+                normalize_name(found.name),
+            )
+            else "the link dangles"
+        )
+        del executable
+        raise ArchiveError(
+            f"{shown(args.member)} is a link to {shown(resolution.missing)}, which is not "
+            "in the tarball",
+            archive.path,
+            hint,
+        )
+    kind = member_kind(resolution.last, None)
+    raise ArchiveError(
+        f"{shown(args.member)} is a {kind}, not a file",
+        archive.path,
+        "extract a file in it, or everything with --all -C DIR",
+    )
 
 
-def _extract_to_stdout(archive: Archive, info: tarfile.TarInfo) -> None:
+def _extract_to_stdout(archive: Archive, info: tarfile.TarInfo, log: Log) -> None:
     """Write a member to stdout only once its Blocks' checks have passed."""
     import tempfile  # imported here: only extraction to stdout needs it
 
     with tempfile.SpooledTemporaryFile(max_size=16 * MiB) as spool:
         copy_member(archive, info, spool)
         spool.seek(0)
-        out = sys.stdout.buffer
-        while chunk := spool.read(READ_CHUNK):
-            out.write(chunk)
-        out.flush()
+        out = sys.stdout.buffer if log.out is sys.stdout else log.out
+        try:
+            while chunk := spool.read(READ_CHUNK):
+                out.write(chunk)
+            out.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(
+                f"cannot write to standard output: {e.strerror}"
+            ) from None
 
 
 def cmd_find(args: argparse.Namespace, log: Log) -> int:
     """Which tarball holds a build-id: first by .build-id link names, then by ELF notes."""
-    build_id = args.build_id.lower()
-    if not re.fullmatch(r"[0-9a-f]{2,}", build_id):
-        raise UsageError(f"{args.build_id!r} is not a hexadecimal build-id")
-    if not os.path.isdir(args.root):
-        raise UsageError(
-            f"{args.root}: no such directory (give the tarball root, e.g. {'/' + TARBALL_DIR})"
-        )
+    build_id = check_build_id(args.build_id, "BUILDID")
+    places = args.places or ["/" + TARBALL_DIR]
+    tarballs = []
+    for place in places:
+        if os.path.isfile(place):
+            tarballs.append(place)
+            continue
+        if not os.path.isdir(place):
+            raise UsageError(
+                "no such tarball or directory",
+                place,
+                f"give tarballs or the tarball root, e.g. /{TARBALL_DIR}",
+            )
+        tarballs.extend(iter_tarballs(place))
     found = 0
     for search in (Archive.find_build_id_by_link, Archive.find_build_id_by_notes):
-        for path in iter_tarballs(args.root):
-            archive = None
+        for path in tarballs:
             try:
-                archive = Archive(path)
-                hit = search(archive, build_id)
+                with Archive(path) as archive:
+                    hit = search(archive, build_id)
             except PackdebugError as e:
                 log.warning(f"{e} (skipped)")
                 continue
-            finally:
-                if archive:
-                    archive.close()
             if hit:
-                log.info(f"{path}  {hit.name}")
+                log.write(f"{shown(path)}  {shown(hit.name)}\n")
                 found += 1
         if found:
             return 0
-    log.warning(f"build-id {build_id} is in no tarball under {args.root}")
+    log.warning(
+        f"build-id {build_id} is in no tarball under {' '.join(shown(p) for p in places)}"
+    )
     return 1
 
 
 def cmd_repack(args: argparse.Namespace, log: Log) -> int:
     if bool(args.tarballs) == bool(args.root):
         raise UsageError("give either TARBALL... or --root DIR")
+    if args.root:
+        check_root(args.root, "--root")
     paths = list(args.tarballs) or list(iter_tarballs(args.root))
-    options = _pack_options(args)
-    sde = source_date_epoch(os.environ)
+    options = pack_options(args)
+    sde = _source_date_epoch(os.environ)
     status, saved, done = 0, 0, 0
     for path in paths:
-        progress = _progress(
-            args, log, os.path.getsize(path) * 4
-        )  # a guess: xz shrinks DWARF ~4x
         try:
-            result = repack_archive(
-                path,
-                options,
-                force=args.force,
-                dry_run=args.dry_run,
-                source_date_epoch=sde,
-                progress=progress,
-            )
+            result = _repack_one(path, args, options, sde, log)
         except PackdebugError as e:
             log.warning(str(e))
             status = 1
             continue
-        finally:
-            if progress:
-                progress.clear()
-        reasons = "; ".join(result.reasons)
-        if not result.reasons:
-            log.detail(
-                f"{path}: already in packdebug's layout, skipped (--force repacks it)"
-            )
-        elif result.new_size is None:
-            log.info(f"{path}: would repack: {reasons}")
-        else:
+        if result.new_size is not None:
             done += 1
             saved += result.old_size - result.new_size
-            change = result.new_size - result.old_size
-            log.info(
-                f"{path}: repacked ({reasons}): {format_size(result.old_size)} -> "
-                f"{format_size(result.new_size)} ({'+' if change >= 0 else '-'}{format_size(abs(change))})"
-            )
     if not args.dry_run:
         log.info(
-            f"repacked {done} of {len(paths)} tarballs: {'saved' if saved >= 0 else 'added'} {format_size(abs(saved))}"
+            f"repacked {done} of {plural(len(paths), 'tarball')}: "
+            f"{'saved' if saved >= 0 else 'added'} {format_size(abs(saved))}"
         )
     return status
+
+
+def _repack_one(
+    path: str, args: argparse.Namespace, options: PackOptions, sde: int | None, log: Log
+) -> RepackResult:
+    progress = None
+    if progress_line(log, 0) and not args.dry_run:
+        with Archive(path) as archive:  # the exact total, from the xz Index
+            progress = Progress(archive.reader.size, log.err)
+    try:
+        result = repack_archive(
+            path,
+            options,
+            force=args.force,
+            dry_run=args.dry_run,
+            source_date_epoch=sde,
+            progress=progress,
+        )
+    finally:
+        if progress:
+            progress.clear()
+    reasons = "; ".join(result.reasons)
+    if not result.reasons:
+        log.detail(
+            f"{shown(path)}: already in packdebug's layout, skipped (--force repacks it)"
+        )
+    elif result.new_size is None:
+        log.info(f"{shown(path)}: would repack: {reasons}")
+    else:
+        change = result.new_size - result.old_size
+        log.info(
+            f"{shown(path)}: repacked ({reasons}): {format_size(result.old_size)} -> "
+            f"{format_size(result.new_size)} ({'+' if change >= 0 else '-'}{format_size(abs(change))})"
+        )
+    return result
 
 
 def cmd_prune(args: argparse.Namespace, log: Log) -> int:
@@ -3527,79 +5030,193 @@ def cmd_prune(args: argparse.Namespace, log: Log) -> int:
         ("--pkgdir", args.pkgdir),
         ("--vardb", args.vardb),
     ):
-        if not os.path.isdir(path):
-            raise UsageError(
-                f"{path}: no such directory (check {flag}); without it prune cannot tell what to keep"
-            )
+        check_root(path, flag)
+    binpkgs = read_binpkg_index(args.pkgdir)
+    installed = installed_instances(args.vardb, log)
     plan = plan_prune(
-        args.root, args.pkgdir, args.vardb, args.keep_newest, args.min_age, time.time()
+        args.root, binpkgs, installed, args.keep_newest, args.min_age, time.time()
     )
-    if plan.removals and not _has_binpkgs(args.pkgdir):
-        raise UsageError(
-            f"{args.pkgdir} holds no binary packages, so every tarball looks orphaned; "
-            "is --pkgdir right? Nothing was removed"
+    emptied, packages = plan.emptied_packages()
+    if emptied * 2 > packages and not args.force:
+        message = (
+            f"would remove every tarball of {emptied} of {plural(packages, 'package')}: "
+            "is --pkgdir or --vardb wrong? Check with --dry-run, then add --force"
         )
+        if not args.dry_run:
+            raise UsageError(message + "; nothing was removed", args.root)
+        log.warning(message)
     removed = plan.removals if args.dry_run else execute_prune(args.root, plan, log)
-    freed = sum(d.tarball.size for d in removed)
-    if args.json:
-        kept = [
-            {"path": d.tarball.path, "reason": d.reason}
-            for d in plan.decisions
-            if not d.remove
-        ]
-        gone = [
-            {"path": d.tarball.path, "size": d.tarball.size, "reason": d.reason}
-            for d in removed
-        ]
-        document = {
-            "root": args.root,
-            "dry_run": args.dry_run,
-            "removed": gone,
-            "kept": kept,
-            "unrecognised": plan.unrecognised,
-            "freed": freed,
-        }
-        log.out.write(to_json(document))
-        return 0
-    verb = "would remove" if args.dry_run else "removed"
-    for d in removed:
-        log.info(f"{verb} {d.tarball.path} ({format_size(d.tarball.size)}): {d.reason}")
-    for d in plan.decisions:
-        if not d.remove:
-            log.detail(f"kept {d.tarball.path}: {d.reason}")
-    for path in plan.unrecognised:
-        log.info(f"unrecognised, kept: {path}")
-    log.info(
-        f"{'would free' if args.dry_run else 'freed'} {format_size(freed)} in {len(removed)} tarballs "
-        f"under {args.root} ({len(plan.decisions) - len(plan.removals)} kept)"
-    )
+    _report_prune(args, plan, removed, log)
     return 0
 
 
-def _has_binpkgs(pkgdir: str) -> bool:
-    for _dirpath, _dirnames, filenames in os.walk(pkgdir):
-        if any(f.endswith((".gpkg.tar", ".xpak", ".tbz2")) for f in filenames):
-            return True
-    return False
+def _report_prune(args: argparse.Namespace, plan: PrunePlan, removed, log: Log) -> None:
+    freed = sum(d.tarball.size for d in removed)
+    if args.json:
+        document = {
+            "root": args.root,
+            "dry_run": args.dry_run,
+            "removed": [
+                {"path": d.tarball.path, "size": d.tarball.size, "reason": d.reason}
+                for d in removed
+            ],
+            "kept": [
+                {"path": d.tarball.path, "reason": d.reason}
+                for d in plan.decisions
+                if not d.remove
+            ],
+            "unrecognised": plan.unrecognised,
+            "freed": freed,
+        }
+        log.write(to_json(document))
+        return
+    verb = "would remove" if args.dry_run else "removed"
+    for d in removed:
+        log.info(
+            f"{verb} {shown(d.tarball.path)} ({format_size(d.tarball.size)}): {d.reason}"
+        )
+    for d in plan.decisions:
+        if not d.remove:
+            log.detail(f"kept {shown(d.tarball.path)}: {d.reason}")
+    for path in plan.unrecognised:
+        log.info(f"unrecognised, kept: {shown(path)}")
+    if plan.layout_hint:
+        log.warning(plan.layout_hint)
+    kept = len(plan.decisions) - len(plan.removals)
+    log.info(
+        f"{'would free' if args.dry_run else 'freed'} {format_size(freed)} in "
+        f"{plural(len(removed), 'tarball')} under {shown(args.root)} ({kept} kept)"
+    )
+
+
+def cmd_settings(args: argparse.Namespace, log: Log) -> int:
+    if args.debuginfod:
+        version, note = debuginfod_version(args.debuginfod_version)
+        address, port = args.listen or parse_listen(DEBUGINFOD_LISTEN)
+        setup = DebuginfodSetup(
+            args.root or "/" + TARBALL_DIR,
+            args.pkgdir or BINPKG_DIR,
+            address,
+            port,
+            version,
+            note,
+            args.database or DEBUGINFOD_DATABASE,
+        )
+        log.write(format_debuginfod(setup, args.format))
+        return 0
+    server_only = [
+        flag
+        for flag, value in (
+            ("--listen", args.listen),
+            ("--root", args.root),
+            ("--pkgdir", args.pkgdir),
+            ("--database", args.database),
+            ("--debuginfod-version", args.debuginfod_version),
+        )
+        if value is not None
+    ]
+    if server_only:
+        raise UsageError(f"{', '.join(server_only)} go with --debuginfod")
+    if args.bashrc:
+        snippet = bashrc_snippet(args.dedup)
+        log.write(to_json({"bashrc": snippet}) if args.format == "json" else snippet)
+    else:
+        log.write(format_settings(SETTINGS, args.format, args.dedup))
+    return 0
+
+
+# Argument types: each error names the rule, and argparse exits 2.
 
 
 def parse_size(text: str) -> int:
     """'8MiB', '8M', '512k' or '1048576' -> bytes (argparse type)."""
     match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not match or int(match.group(1)) == 0:
+    if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 8MiB")
     return int(match.group(1)) << (10 * " kmg".index(match.group(2).lower() or " "))
 
 
-def _positive_int(text: str) -> int:
+def block_size_arg(text: str) -> int:
+    size = parse_size(text)
+    if size < BLOCK_SIZE_MIN:
+        raise argparse.ArgumentTypeError(
+            f"{text} is too small: at least {format_size(BLOCK_SIZE_MIN)} (smaller blocks "
+            "make the tarball much larger)"
+        )
+    if size > BLOCK_SIZE_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text} is too large: at most {format_size(BLOCK_SIZE_MAX)} (each thread holds "
+            "two blocks in memory, and debuginfod decompresses up to a block per request)"
+        )
+    return size
+
+
+def count_arg(text: str) -> int:
     if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 or more)")
     return int(text)
+
+
+def jobs_arg(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number: 0 (all CPUs) or more"
+        )
+    return int(text)
+
+
+def days_arg(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not days >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} days: must be 0 or more")
+    return days
+
+
+def _negative_jobs(argv: Sequence[str]) -> str | None:
+    """-j -1 looks like the preset flag -1 to argparse; catch it first."""
+    for i, arg in enumerate(argv):
+        value = None
+        if arg in ("-j", "--jobs") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--jobs="):
+            value = arg[len("--jobs=") :]
+        elif arg.startswith("-j") and arg[2:3] == "-":
+            value = arg[2:]
+        if value is not None and re.fullmatch(r"-\d+", value):
+            return value
+    return None
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=30)
+
+
+def _verbosity(parser: argparse.ArgumentParser, verbose: str, quiet: str) -> None:
+    """-v and -q, each with what it means for this command ("" leaves it out)."""
+    group = parser.add_mutually_exclusive_group()
+    if verbose:
+        group.add_argument(
+            "-v",
+            "--verbose",
+            action="store_const",
+            const=1,
+            dest="verbosity",
+            help=verbose,
+        )
+    if quiet:
+        group.add_argument(
+            "-q",
+            "--quiet",
+            action="store_const",
+            const=-1,
+            dest="verbosity",
+            help=quiet,
+        )
+    parser.set_defaults(verbosity=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3612,46 +5229,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version", action="version", version=f"packdebug {__version__}"
     )
-    common = argparse.ArgumentParser(add_help=False)
-    noise = common.add_mutually_exclusive_group()
-    noise.add_argument(
-        "-v",
-        "--verbose",
-        action="store_const",
-        const=1,
-        dest="verbosity",
-        default=0,
-        help="say more: list each file",
-    )
-    noise.add_argument(
-        "-q",
-        "--quiet",
-        action="store_const",
-        const=-1,
-        dest="verbosity",
-        help="print only warnings and errors",
-    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    _add_pack(commands, common)
-    _add_buildid(commands, common)
-    _add_list(commands, common)
-    _add_verify(commands, common)
-    _add_extract(commands, common)
-    _add_find(commands, common)
-    _add_repack(commands, common)
-    _add_prune(commands, common)
-    _add_settings(commands, common)
+    for add in (
+        _add_pack,
+        _add_buildid,
+        _add_list,
+        _add_verify,
+        _add_extract,
+        _add_find,
+        _add_repack,
+        _add_prune,
+        _add_settings,
+    ):
+        add(commands)
     return parser
 
 
-def _add_pack(commands, common) -> None:
-    p = commands.add_parser(
-        "pack",
-        parents=[common],
+def _command(commands, name: str, summary: str, description: str, examples: str):
+    return commands.add_parser(
+        name,
         formatter_class=_HelpFormatter,
-        help="pack one Portage image's debug info into a tarball",
-        description="""\
+        help=summary,
+        description=description,
+        epilog="examples:\n" + examples,
+    )
+
+
+def _add_pack(commands) -> None:
+    p = _command(
+        commands,
+        "pack",
+        "pack one Portage image's debug info into a tarball",
+        """\
 Pack ${ED}/usr/src/debug and ${ED}/usr/lib/debug into
 ${ED}/usr/lib/debug/.tarball/${CATEGORY}/${PN}/${PF}-${BUILD_ID}-debug.tar.xz
 
@@ -3662,13 +5272,13 @@ tarball is ${PF}-debug.tar.xz.
 
 The tarball is one xz stream of independent blocks (debuginfod >= 0.192 seeks
 in it), byte-identical for the same image (owner root, sorted names, modes
-without setuid, mtimes clamped to SOURCE_DATE_EPOCH), and appears atomically.""",
-        epilog="""\
-examples:
+without setuid, mtimes clamped to SOURCE_DATE_EPOCH), and appears atomically.
+It prints one line: what it packed, and where.""",
+        f"""\
   packdebug pack                       # inside a Portage phase hook
-  packdebug pack --image /var/tmp/portage/app-misc/hello-1.0/image \\
+  packdebug pack --image {DEMO_IMAGE} \\
       --category app-misc --pn hello --pf hello-1.0 --build-id 1
-  packdebug pack --image ./image --output /tmp/hello-debug.tar.xz -v""",
+  packdebug pack --image {DEMO_IMAGE} --output /tmp/hello-1.0-debug.tar.xz -v""",
     )
     inputs = p.add_argument_group(
         "inputs (default: the Portage variable of the same name)"
@@ -3683,20 +5293,28 @@ examples:
         metavar="EPREFIX",
         help="offset prefix inside the image (default: ${EPREFIX})",
     )
-    inputs.add_argument("--category", metavar="CATEGORY")
-    inputs.add_argument("--pn", metavar="PN")
-    inputs.add_argument("--pf", metavar="PF")
+    inputs.add_argument(
+        "--category", metavar="CATEGORY", help="the package's category, e.g. app-misc"
+    )
+    inputs.add_argument("--pn", metavar="PN", help="the package name, e.g. hello")
+    inputs.add_argument(
+        "--pf",
+        metavar="PF",
+        help="name, version and revision, e.g. hello-1.0-r1 (PN-...)",
+    )
     inputs.add_argument(
         "--build-id",
         metavar="N",
-        help="binpkg BUILD_ID (a number, not an ELF build-id)",
+        help="Portage's BUILD_ID, a number (binpkg-multi-instance), not an ELF build-id",
     )
     inputs.add_argument(
-        "--output", metavar="FILE", help="write here instead of the .tarball path"
+        "--output",
+        metavar="FILE",
+        help=f"write here instead of the .tarball path (name it *{TARBALL_SUFFIX})",
     )
     _add_compression(p)
-    packing = p.add_argument_group("checks")
-    packing.add_argument(
+    checks = p.add_argument_group("checks")
+    checks.add_argument(
         "--strict",
         action="store_true",
         help="fail if a debug ELF has no build-id or cannot be read",
@@ -3714,21 +5332,8 @@ examples:
         action="store_true",
         help="show what would be packed and removed; write nothing",
     )
+    _verbosity(p, "list each file packed", "print only warnings and errors")
     p.set_defaults(run=cmd_pack)
-
-
-def _add_buildid(commands, common) -> None:
-    p = commands.add_parser(
-        "buildid",
-        parents=[common],
-        formatter_class=_HelpFormatter,
-        help="print the GNU build-id of ELF files",
-        description="Print `BUILDID  PATH` for each ELF file, reading only its headers and notes.\n"
-        "Exits 1 if any file has no build-id.",
-        epilog="example:\n  packdebug buildid /usr/bin/ls /usr/lib/debug/usr/bin/ls.debug",
-    )
-    p.add_argument("files", nargs="+", metavar="FILE")
-    p.set_defaults(run=cmd_buildid)
 
 
 def _add_compression(p: argparse.ArgumentParser) -> None:
@@ -3736,10 +5341,11 @@ def _add_compression(p: argparse.ArgumentParser) -> None:
     packing.add_argument(
         "-j",
         "--jobs",
-        type=_positive_int,
+        type=jobs_arg,
         default=0,
         metavar="N",
-        help="compress on N threads (default: all CPUs); the output does not depend on it",
+        help="compress on N threads; 0 (the default) means one per CPU. Capped at "
+        "the CPUs and a quarter of the RAM; the output does not depend on it",
     )
     for level in range(10):
         packing.add_argument(
@@ -3758,82 +5364,110 @@ def _add_compression(p: argparse.ArgumentParser) -> None:
         help="xz preset, also -0 ... -9 (default: 6, as xz)",
     )
     packing.add_argument(
+        "-e",
+        "--extreme",
+        action="store_true",
+        help="xz's extreme variant of the preset (-9e): slower, a little smaller",
+    )
+    packing.add_argument(
         "--block-size",
-        type=parse_size,
+        type=block_size_arg,
         metavar="SIZE",
-        help=f"largest uncompressed xz block (default: {BLOCK_SIZE // MiB}MiB; -7 to -9: their dictionary size)",
+        help=f"largest uncompressed xz block, {format_size(BLOCK_SIZE_MIN)} to "
+        f"{format_size(BLOCK_SIZE_MAX)} (default: {BLOCK_SIZE // MiB}MiB; -7 to -9: "
+        "their dictionary size)",
     )
     p.set_defaults(preset=6)
 
 
-def _add_list(commands, common) -> None:
-    p = commands.add_parser(
+def _add_buildid(commands) -> None:
+    p = _command(
+        commands,
+        "buildid",
+        "print the GNU build-id of ELF files",
+        "Print `BUILDID  PATH` for each ELF file, reading only its headers and notes.\n"
+        "Exits 1 if any file has no build-id.",
+        "  packdebug buildid /usr/bin/ls /usr/lib/debug/usr/bin/hello.debug",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(run=cmd_buildid, verbosity=0)
+
+
+def _add_list(commands) -> None:
+    p = _command(
+        commands,
         "list",
-        parents=[common],
-        formatter_class=_HelpFormatter,
-        help="list a tarball's members with their kind and build-id",
-        description="""\
+        "list tarballs' members with their kind and build-id",
+        """\
 List each member: kind, size, build-id, name (-> link target).  Kinds follow
 debuginfod: debuginfo, executable, source (any other file), symlink,
 hardlink, directory, other.  Reads the tar headers and the ELF headers and
-notes only, not whole files.""",
-        epilog="""\
-examples:
-  packdebug list /usr/lib/debug/.tarball/app-misc/hello/hello-1.0-1-debug.tar.xz
-  packdebug list --json T.tar.xz | jq '.members[] | select(.kind == "debuginfo")'""",
+notes only, not whole files.  Names are shown as `ls -b` shows them.""",
+        f"""\
+  packdebug list {DEMO_TARBALL}
+  packdebug list -v {DEMO_TARBALL}
+  packdebug list --json {DEMO_TARBALL}""",
     )
-    p.add_argument("tarball", metavar="TARBALL")
+    p.add_argument("tarballs", nargs="+", metavar="TARBALL")
     p.add_argument("--json", action="store_true", help="print JSON instead of columns")
+    _verbosity(p, "add mode, mtime, header offset and xz block number", "")
     p.set_defaults(run=cmd_list)
 
 
-def _add_verify(commands, common) -> None:
-    p = commands.add_parser(
+def _add_verify(commands) -> None:
+    p = _command(
+        commands,
         "verify",
-        parents=[common],
-        formatter_class=_HelpFormatter,
-        help="check tarballs: xz checks, seekability, tar, build-ids, links, names",
-        description="""\
+        "check tarballs: xz checks, seekability, tar, build-ids, links, names",
+        """\
 Check each tarball and report, per tarball:
   xz         one stream, no padding, every block's check verified
   seekable   whether debuginfod >= 0.192 seeks in it, and if not, why
-  tar        headers parse, members inside the data, end-of-archive marker
+  tar        headers parse, members inside the data, end-of-archive marker,
+             nothing but zeros after it
   build-ids  every ELF under usr/lib/debug has a GNU build-id
   links      every .build-id/xx/*.debug symlink resolves inside the archive,
              to an ELF with that build-id
-  names      no absolute paths, '..', './' or '//'
+  names      no absolute paths, '..', '.' or '//' (a leading './', as in
+             Portage's tarballs, is only a note: debuginfod copes)
 Works on any .tar.xz, Portage's included.  Exits 0 only if all pass.""",
-        epilog="""\
-examples:
-  packdebug verify T.tar.xz
-  find /usr/lib/debug/.tarball -name '*.tar.xz' -exec packdebug verify {} +""",
+        f"""\
+  packdebug verify {DEMO_TARBALL}
+  packdebug verify -q $(find /usr/lib/debug/.tarball -name '*.tar.xz')""",
     )
     p.add_argument("tarballs", nargs="+", metavar="TARBALL")
+    _verbosity(
+        p,
+        "list every problem (otherwise the first 5 of each check)",
+        "print only the tarballs that fail, and their failed checks",
+    )
     p.set_defaults(run=cmd_verify)
 
 
-def _add_extract(commands, common) -> None:
-    p = commands.add_parser(
+def _add_extract(commands) -> None:
+    p = _command(
+        commands,
         "extract",
-        parents=[common],
-        formatter_class=_HelpFormatter,
-        help="extract one file by build-id or name, or everything safely",
-        description="""\
+        "extract one file by build-id or name, or everything safely",
+        """\
 Extract one member, decompressing only the xz blocks that hold it (and its
 tar header) and verifying their checks: nothing is written unless they pass.
 Links inside the archive are followed.  Or extract everything under DIR,
-refusing absolute names, '..', links leading outside DIR and device nodes,
-and dropping setuid bits.""",
-        epilog="""\
-examples:
-  packdebug extract T.tar.xz --build-id 1e0f33cff59b9ae1525e401b90e14e5cabc6c46b -o hello.debug
-  packdebug extract T.tar.xz --member usr/src/debug/app-misc/hello-1.0/hello.c -o -
-  packdebug extract T.tar.xz --all -C /tmp/debug""",
+refusing absolute names, '..', links that lead outside DIR, and devices;
+setuid bits are dropped, and no file takes its name before its blocks'
+checks have passed.""",
+        f"""\
+  packdebug extract {DEMO_TARBALL} \\
+      --member usr/src/debug/app-misc/hello-1.0/hello-1.0/hello.c -o -
+  packdebug extract {DEMO_TARBALL} \\
+      --build-id "$(packdebug buildid {DEMO_IMAGE}/usr/bin/hello | cut -d' ' -f1)" \\
+      -o /tmp/hello.debug
+  packdebug extract {DEMO_TARBALL} --all -C /tmp/debug""",
     )
     p.add_argument("tarball", metavar="TARBALL")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument(
-        "--build-id", metavar="ID", help="the ELF with this GNU build-id"
+        "--build-id", metavar="ID", help="the ELF with this GNU build-id (hex)"
     )
     which.add_argument(
         "--member",
@@ -3853,51 +5487,53 @@ examples:
         metavar="DIR",
         help="with --all: extract under DIR (created if missing)",
     )
+    _verbosity(p, "say what was extracted", "print only warnings and errors")
     p.set_defaults(run=cmd_extract)
 
 
-def _add_find(commands, common) -> None:
-    p = commands.add_parser(
+def _add_find(commands) -> None:
+    p = _command(
+        commands,
         "find",
-        parents=[common],
-        formatter_class=_HelpFormatter,
-        help="which tarball holds a build-id",
-        description="""\
-Print `TARBALL  MEMBER` for the tarballs under ROOT that hold the ELF with
-BUILDID.  It looks for estrip's usr/lib/debug/.build-id/xx/yyyy.debug link by
-name, which in packdebug's layout reads only the start of a few xz blocks, and
+        "which tarball holds a build-id",
+        """\
+Print `TARBALL  MEMBER` for the tarballs that hold the ELF with BUILDID, among
+the tarballs given and those under the roots given (default: the tarball
+root).  It looks for estrip's usr/lib/debug/.build-id/xx/yyyy.debug link by
+name, which in packdebug's layout reads the start of a few xz blocks, and
 confirms the ELF note; only if no tarball has the link does it read the ELF
 notes of every member.  Exits 1 if no tarball holds it.""",
-        epilog="example:\n  packdebug find 1e0f33cff59b9ae1525e401b90e14e5cabc6c46b",
+        f"""\
+  packdebug find "$(packdebug buildid {DEMO_IMAGE}/usr/bin/hello | cut -d' ' -f1)"
+  packdebug find "$(packdebug buildid {DEMO_IMAGE}/usr/lib/libgreet.so.1 | cut -d' ' -f1)" \\
+      {DEMO_TARBALL}""",
     )
     p.add_argument("build_id", metavar="BUILDID")
     p.add_argument(
-        "root",
-        nargs="?",
-        default="/" + TARBALL_DIR,
-        metavar="ROOT",
-        help=f"where the tarballs are (default: /{TARBALL_DIR})",
+        "places",
+        nargs="*",
+        metavar="ROOT|TARBALL",
+        help=f"tarballs, or directories holding them (default: /{TARBALL_DIR})",
     )
-    p.set_defaults(run=cmd_find)
+    p.set_defaults(run=cmd_find, verbosity=0)
 
 
-def _add_repack(commands, common) -> None:
-    p = commands.add_parser(
+def _add_repack(commands) -> None:
+    p = _command(
+        commands,
         "repack",
-        parents=[common],
-        formatter_class=_HelpFormatter,
-        help="rewrite tarballs (Portage's too) in packdebug's seekable, reproducible layout",
-        description="""\
+        "rewrite tarballs (Portage's too) in packdebug's seekable, reproducible layout",
+        """\
 Rewrite existing tarballs into packdebug's layout: seekable xz blocks,
 canonical member names and order, reproducible headers.  The files inside
-stay byte-identical; each tarball is replaced atomically under its own name.
-One that fails verify's xz or tar checks is left untouched and reported; one
-already in the layout is skipped unless --force.  A tarball with large xz
-blocks is first decompressed into an unnamed temporary file beside it.""",
-        epilog="""\
-examples:
+stay byte-identical; each tarball is replaced atomically under its own name,
+and only once the new one passes verify.  One that fails verify's xz or tar
+checks is left untouched and reported; one already in the layout is skipped
+unless --force.  A tarball with large xz blocks is first decompressed into an
+unnamed temporary file beside it.""",
+        """\
   packdebug repack --root /usr/lib/debug/.tarball --dry-run
-  packdebug repack /usr/lib/debug/.tarball/dev-libs/foo/foo-1-3-debug.tar.xz""",
+  packdebug repack /usr/lib/debug/.tarball/app-misc/hello/hello-1.0-1-debug.tar.xz""",
     )
     p.add_argument("tarballs", nargs="*", metavar="TARBALL")
     p.add_argument("--root", metavar="DIR", help="every *.tar.xz under DIR")
@@ -3913,21 +5549,22 @@ examples:
         help="say what would change; write nothing",
     )
     _add_compression(p)
+    _verbosity(p, "also name the tarballs skipped", "print only warnings and errors")
     p.set_defaults(run=cmd_repack)
 
 
-def _add_prune(commands, common) -> None:
-    p = commands.add_parser(
+def _add_prune(commands) -> None:
+    p = _command(
+        commands,
         "prune",
-        parents=[common],
-        formatter_class=_HelpFormatter,
-        help="remove debug tarballs whose binary package is gone",
-        description="""\
+        "remove debug tarballs whose binary package is gone",
+        """\
 Portage keeps every debug tarball (UNINSTALL_IGNORE), owned by nothing.  prune
 removes a tarball CAT/PN/PF[-BUILD_ID]-debug.tar.xz under ROOT only when all of
 these hold:
   - its binary package is gone: PKGDIR/CAT/PN/PF-BUILD_ID.gpkg.tar or .xpak,
-    or, without BUILD_ID, PKGDIR/CAT/PF.gpkg.tar or .tbz2;
+    or, without BUILD_ID, PKGDIR/CAT/PF.gpkg.tar or .tbz2, and PKGDIR's
+    Packages index does not list it either;
   - it is not the debug info of the installed instance (VARDB/CAT/PF and its
     BUILD_ID);
   - it is older than --min-age days;
@@ -3936,9 +5573,10 @@ these hold:
 Then it removes the directories those removals emptied.  It never follows a
 symlink, never touches anything but *-debug.tar.xz files under ROOT (nor a
 pack's hidden temporary files), and lists names it cannot parse as
-"unrecognised, kept".  Several prunes, or a prune beside a pack, can run at once.""",
-        epilog="""\
-examples:
+"unrecognised, kept".  It refuses a PKGDIR without Portage's layout, and a
+plan that would empty more than half the packages unless --force.  Several
+prunes, or a prune beside a pack, can run at once.""",
+        """\
   packdebug prune --pkgdir /var/cache/binpkgs --dry-run
   packdebug prune --pkgdir /var/cache/binpkgs --keep-newest 2 --min-age 30 --json""",
     )
@@ -3962,40 +5600,47 @@ examples:
     )
     p.add_argument(
         "--keep-newest",
-        type=_positive_int,
+        type=count_arg,
         default=1,
         metavar="N",
         help="keep the N newest tarballs of each package whatever else (default: 1)",
     )
     p.add_argument(
         "--min-age",
-        type=float,
+        type=days_arg,
         default=1.0,
         metavar="DAYS",
         help="keep tarballs younger than this (default: 1 day)",
     )
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="remove even when that empties more than half the packages",
+    )
+    p.add_argument(
         "-n", "--dry-run", action="store_true", help="print the plan; remove nothing"
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _verbosity(
+        p, "also list each tarball kept, and why", "print only warnings and errors"
+    )
     p.set_defaults(run=cmd_prune)
 
 
-def _add_settings(commands, common) -> None:
-    p = commands.add_parser(
+def _add_settings(commands) -> None:
+    p = _command(
+        commands,
         "settings",
-        parents=[common],
-        formatter_class=_HelpFormatter,
-        help="print the Portage settings that go with packdebug tarballs",
-        description="""\
+        "print the Portage settings that go with packdebug tarballs",
+        """\
 Print the Portage settings a binhost needs beside packdebug tarballs, each
 with a comment saying where it must go and why; or, with --bashrc, a hook
 that packs every merged package; or, with --debuginfod, the server side: the
 debuginfod command line, a hardened systemd unit, and the clients' line.""",
-        epilog="""\
-examples:
+        """\
   packdebug settings >> /etc/portage/make.conf
   packdebug settings --bashrc >> /etc/portage/bashrc
+  packdebug settings --bashrc --dedup >> /etc/portage/bashrc
   packdebug settings --format json
   packdebug settings --debuginfod --listen 0.0.0.0:8002 --pkgdir /var/cache/binpkgs""",
     )
@@ -4008,7 +5653,8 @@ examples:
     p.add_argument(
         "--dedup",
         action="store_true",
-        help="also keep the debug info out of the binhost's own disk (see the comments)",
+        help="do not keep the debug info twice on the binhost: with --bashrc, a hook "
+        "that deletes what it packed; otherwise a note on how",
     )
     p.add_argument(
         "--bashrc",
@@ -4024,34 +5670,30 @@ examples:
     server.add_argument(
         "--listen",
         type=parse_listen,
-        default=parse_listen(DEBUGINFOD_LISTEN),
         metavar="ADDR:PORT",
         help=f"where debuginfod listens (default: {DEBUGINFOD_LISTEN})",
     )
     server.add_argument(
-        "--root",
-        default="/" + TARBALL_DIR,
-        metavar="DIR",
-        help=f"the tarballs (default: /{TARBALL_DIR})",
+        "--root", metavar="DIR", help=f"the tarballs (default: /{TARBALL_DIR})"
     )
     server.add_argument(
-        "--pkgdir",
-        default=BINPKG_DIR,
-        metavar="DIR",
-        help=f"the binary packages (default: {BINPKG_DIR})",
+        "--pkgdir", metavar="DIR", help=f"the binary packages (default: {BINPKG_DIR})"
     )
     server.add_argument(
         "--database",
-        default=DEBUGINFOD_DATABASE,
         metavar="FILE",
         help=f"debuginfod's sqlite database for the command line (default: {DEBUGINFOD_DATABASE})",
     )
     server.add_argument(
         "--debuginfod-version",
         metavar="X.Y",
-        help="write for this elfutils (default: ask `debuginfod --version`)",
+        help="write for this elfutils, e.g. for another host (default: ask `debuginfod --version`)",
     )
-    p.set_defaults(run=cmd_settings)
+    p.set_defaults(run=cmd_settings, verbosity=0)
+
+
+# Commands whose output is their product: one that cannot be written fails them.
+PRODUCT_ON_STDOUT = {"buildid", "list", "find", "settings", "extract"}
 
 
 class _Terminated(BaseException):
@@ -4062,27 +5704,65 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+def _quiet_stdout() -> None:
+    """Point fd 1 at /dev/null, so that what is still buffered cannot fail again at exit."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _stopped(e: BaseException, what: str) -> str:
+    state = getattr(e, "packdebug_state", "") or "nothing was written"
+    return f"packdebug: {what}; {state}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    negative = _negative_jobs(argv)
+    if negative is not None:
+        parser.error(
+            f"argument -j/--jobs: must be 0 (all CPUs) or more, not {negative}"
+        )
     args = parser.parse_args(argv)
     log = Log(args.verbosity)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return args.run(args, log)
+        status = args.run(args, log)
+        with contextlib.suppress(ValueError):  # stdout closed
+            if log.out is sys.stdout and log.report_error is None:
+                try:
+                    sys.stdout.flush()
+                except BrokenPipeError:
+                    raise
+                except OSError as e:
+                    log.report_error = e
+        if log.report_error is not None:
+            message = f"cannot write to standard output: {log.report_error.strerror}"
+            if log.out is sys.stdout:
+                _quiet_stdout()
+            if args.command in PRODUCT_ON_STDOUT:
+                print(f"packdebug: error: {message}", file=sys.stderr)
+                return 1
+            log.warning(f"{message}; the {args.command} itself went through")
+        return status
     except PackdebugError as e:
         print(f"packdebug: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("packdebug: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(_stopped(e, "interrupted"), file=sys.stderr)
         return 130
-    except _Terminated:
-        print("packdebug: terminated; nothing was written", file=sys.stderr)
+    except _Terminated as e:
+        print(_stopped(e, "terminated"), file=sys.stderr)
         return 143
     except BrokenPipeError:
-        sys.stderr.close()  # the reader went away (`| head`); not an error of ours
+        _quiet_stdout()  # the reader went away (`| head`): not an error of ours
         return 141
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 if __name__ == "__main__":
