@@ -11,12 +11,12 @@ PYTEST_ARGS ?= -q -W error::pytest.PytestUnraisableExceptionWarning
 # Debian packages the demo and the tests use, with a command each provides.
 DEB_TOOLS := gcc:gcc objcopy:binutils debugedit:debugedit xz:xz-utils bsdtar:libarchive-tools \
 	debuginfod:debuginfod eu-readelf:elfutils i686-linux-gnu-gcc:gcc-i686-linux-gnu \
-	powerpc-linux-gnu-gcc:gcc-powerpc-linux-gnu s390x-linux-gnu-gcc:gcc-s390x-linux-gnu time:time \
-	systemd-analyze:systemd
+	powerpc-linux-gnu-gcc:gcc-powerpc-linux-gnu s390x-linux-gnu-gcc:gcc-s390x-linux-gnu \
+	systemd-analyze:systemd zstd:zstd bzip2:bzip2 ss:iproute2 unshare:util-linux
 DEB_EXTRA := libc6-dev libc6-dev-i386-cross libc6-dev-powerpc-cross libc6-dev-s390x-cross \
 	python3-venv curl time
 
-.PHONY: all test demo deps bench install uninstall lint clean
+.PHONY: all test demo deps bench fuzz mutants install uninstall lint clean
 
 all: test
 
@@ -24,6 +24,7 @@ deps:
 	@missing=""; for pair in $(DEB_TOOLS); do \
 		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
 	done; \
+	[ -x /usr/bin/time ] || missing="$$missing time"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			echo "installing:$$missing"; \
@@ -34,11 +35,14 @@ deps:
 		fi; \
 	fi
 
-$(VENV)/bin/pytest:
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q pytest
+# VENV_ARGS=--system-site-packages uses a pytest the system already has
+# (Debian's python3-pytest in the sid chroot, which reaches no PyPI).
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
+	$(VENV)/bin/python -c 'import pytest' 2>/dev/null || $(VENV)/bin/pip install -q pytest
+	touch $@
 
-test: deps $(VENV)/bin/pytest
+test: deps $(VENV)/.ready
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) test_packdebug.py
 
 demo: deps
@@ -57,17 +61,25 @@ demo: deps
 bench: deps
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)
 
+# 100,000 mutated ELF and 1,000 damaged tarballs, with counts per outcome.
+fuzz: deps $(VENV)/.ready
+	$(VENV)/bin/python tests/fuzz.py $(FUZZ_ARGS)
+
+# Small bugs planted one at a time; prints the ones no test notices.
+mutants: deps $(VENV)/.ready
+	$(VENV)/bin/python tests/mutants.py $(MUTANTS_ARGS)
+
 install:
 	install -D -m 0755 packdebug.py $(DESTDIR)$(PREFIX)/bin/packdebug
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/packdebug
 
-lint: $(VENV)/bin/pytest
+lint: $(VENV)/.ready
 	$(VENV)/bin/pip install -q ruff vermin
-	$(VENV)/bin/ruff check packdebug.py test_packdebug.py bench/bench.py
-	$(VENV)/bin/ruff format --check packdebug.py test_packdebug.py bench/bench.py
+	$(VENV)/bin/ruff check packdebug.py test_packdebug.py bench/bench.py tests/*.py
+	$(VENV)/bin/ruff format --check packdebug.py test_packdebug.py bench/bench.py tests/*.py
 	$(VENV)/bin/vermin -t=3.9- --no-tips --violations packdebug.py
 
 clean:
-	rm -rf $(VENV) .venv-* .pytest_cache __pycache__ bench-results
+	rm -rf $(VENV) .venv-* .pytest_cache __pycache__ tests/__pycache__ bench-results

@@ -1604,11 +1604,14 @@ def test_signal_while_writing_leaves_nothing_and_exits_at_once(tmp_path, sig, co
 
 
 def test_sigint_during_start_up_prints_no_traceback(tmp_path):
-    """From the script's first line on, Ctrl-C ends it quietly.
+    """From the statement that makes Ctrl-C quiet on, Ctrl-C ends packdebug quietly.
 
-    Before that line Python itself is starting (and compiling the script):
-    what it prints then is the interpreter's, not packdebug's.
+    Before it, Python is still starting: a SIGINT while it compiles the
+    script surfaces at the first statement that runs (`from __future__`),
+    which no code in the script can prevent.
     """
+    lines = SCRIPT.read_text().splitlines()
+    quiet = next(i for i, line in enumerate(lines, 1) if "_signal.signal(_signal.SIGINT" in line)
     ours = []
     for delay in [0.005 * i for i in range(1, 41)]:
         proc = subprocess.Popen(
@@ -1620,8 +1623,8 @@ def test_sigint_during_start_up_prints_no_traceback(tmp_path):
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-        # "line 0": the signal came while Python compiled the script, before its first line.
-        if re.search(rf'File "{re.escape(str(SCRIPT))}", line [1-9]', err):
+        frames = re.findall(rf'File "{re.escape(str(SCRIPT))}", line (\d+)', err)
+        if any(int(line) > quiet for line in frames):
             ours.append((delay, err))
     assert not ours, ours
 
@@ -3995,6 +3998,9 @@ def test_verbose_and_quiet_are_offered_only_where_they_mean_something():
 
 EXAMPLES_ROOT = """\
 set -e
+# Nothing mounted here may reach the host: private, or (in a chroot, where /
+# is no mount point) already in a namespace with no shared mount.
+mount --make-rprivate / 2>/dev/null || ! grep -q " shared:" /proc/self/mountinfo || exit 99
 mount -t tmpfs tmpfs /var
 mkdir -p /var/tmp/portage/app-misc/hello-1.0/image /var/cache/binpkgs /var/db/pkg /var/bin
 mount --bind "$DEMO" /var/tmp/portage/app-misc/hello-1.0/image
@@ -4038,7 +4044,7 @@ def test_every_help_example_runs_as_written_on_the_demo_image(image, tmp_path):
                 "unshare",
                 "--mount",
                 "--propagation",
-                "private",
+                "unchanged",
                 "sh",
                 "-c",
                 EXAMPLES_ROOT,
