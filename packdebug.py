@@ -144,6 +144,45 @@ def shown(name: str | bytes | os.PathLike) -> str:
     return "".join(out)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanups run."""
+
+
+class _Signals:
+    """How SIGINT and SIGTERM are answered: as exceptions, held back in `signals_held`."""
+
+    held = 0  # depth of signals_held()
+    pending: int | None = None
+    worker = working = False  # in a worker process; running a task there
+
+
+def on_signal(signum: int, frame) -> None:
+    """SIGINT raises KeyboardInterrupt, SIGTERM Terminated, so that cleanups run."""
+    if _Signals.held:
+        _Signals.pending = signum
+        return
+    if _Signals.worker and not _Signals.working:
+        os._exit(128 + signum)  # an idle worker has nothing to clean up
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while a temporary file is made and recorded.
+
+    Otherwise a signal answered between the file's creation and the
+    statement that records it would leave it behind.
+    """
+    _Signals.held += 1
+    try:
+        yield
+    finally:
+        _Signals.held -= 1
+        if not _Signals.held and _Signals.pending is not None:
+            signum, _Signals.pending = _Signals.pending, None
+            raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
 def to_json(document: object) -> str:
     """JSON for --json and --format json; json is imported only then."""
     import json
@@ -2005,13 +2044,11 @@ def atomic_output(
     the target stays intact until the rename.
     """
     created: list = []
-    dir_fd, temp = _create_temporary(target, created)
-    done = False
+    dir_fd, temp, done = -1, "", False
     try:
+        with signals_held():
+            dir_fd, temp, fd = _create_temporary(target, created)
         try:
-            fd = os.open(
-                temp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
-            )
             with open(fd, "wb") as f:
                 yield f
                 f.flush()
@@ -2025,16 +2062,17 @@ def atomic_output(
         except OSError as e:
             raise OutputError(f"cannot write: {e.strerror}", target.path) from None
     finally:
-        if not done:
+        if temp and not done:
             with contextlib.suppress(OSError):
                 os.unlink(temp, dir_fd=dir_fd)
-        os.close(dir_fd)
+        if dir_fd >= 0:
+            os.close(dir_fd)
         if not done:
             target.undo(created)
 
 
-def _create_temporary(target: OutputTarget, created: list) -> tuple[int, str]:
-    """(directory descriptor, name) of a new empty temporary file beside the target.
+def _create_temporary(target: OutputTarget, created: list) -> tuple[int, str, int]:
+    """(directory descriptor, name, descriptor) of a new empty file beside the target.
 
     A prune beside may remove the directory as empty between its creation
     and the temporary file's: then it is made again, a few times.
@@ -2045,8 +2083,7 @@ def _create_temporary(target: OutputTarget, created: list) -> tuple[int, str]:
             temp = f".{target.name}.{os.urandom(4).hex()}.tmp"
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             try:
-                os.close(os.open(temp, flags, 0o600, dir_fd=dir_fd))
-                return dir_fd, temp
+                return dir_fd, temp, os.open(temp, flags, 0o600, dir_fd=dir_fd)
             except FileExistsError:
                 continue
             except FileNotFoundError:
@@ -3171,22 +3208,19 @@ class SafeExtractor:
 
     def add(self, info: tarfile.TarInfo) -> None:
         norm, kind = self.check(info)
-        pending = _Pending(
-            info, kind, norm.split("/") if norm else [], Archive.next_offset(info)
-        )
-        if kind == "file":
-            pending.temp = self._write_temporary(info, pending.parts)
-        elif kind == "symlink":
+        end = Archive.next_offset(info)
+        pending = _Pending(info, kind, norm.split("/") if norm else [], end)
+        if kind == "symlink":
             pending.target = self.links[norm] = info.linkname
         elif kind == "hardlink":
             pending.target = normalize_name(info.linkname)
             if self.kinds[pending.target] == "symlink":  # the same inode: that symlink
-                pending.kind = kind = "symlink"
+                pending.kind = "symlink"
                 pending.target = self.links[norm] = self.links[pending.target]
-            else:
-                kind = "file"
-        self.kinds[norm] = kind
-        self.pending.append(pending)
+        self.kinds[norm] = "file" if pending.kind == "hardlink" else pending.kind
+        self.pending.append(pending)  # first: abort() must find a temporary file
+        if kind == "file":
+            self._write_temporary(pending)
         self.commit(self.archive.reader.verified_until())
 
     def _parent(self, info: tarfile.TarInfo, parts: list[str]) -> int:
@@ -3214,32 +3248,25 @@ class SafeExtractor:
             )
         return ExtractError(info.name, f"cannot extract: {e.strerror}")
 
-    def _write_temporary(self, info: tarfile.TarInfo, parts: list[str]) -> str:
-        fd = self._parent(info, parts)
-        temp = _temporary_name()
-        out = -1
+    def _write_temporary(self, pending: _Pending) -> None:
+        """The member's data, in a hidden file in its directory, until it is verified."""
+        info = pending.info
+        fd = self._parent(info, pending.parts)
+        pending.temp = _temporary_name()  # before it exists: abort() may remove it
         try:
-            out = os.open(
-                temp,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=fd,
-            )
-            with open(out, "wb") as f:
-                out = -1  # the file object owns it now
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with open(os.open(pending.temp, flags, 0o600, dir_fd=fd), "wb") as f:
                 f.writelines(self.archive.data(info))
                 os.fchmod(f.fileno(), safe_file_mode(info.mode))
                 os.utime(f.fileno(), (int(info.mtime), int(info.mtime)))
-            return temp
         except BaseException as e:
             with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=fd)
+                os.unlink(pending.temp, dir_fd=fd)
+            pending.temp = ""
             if isinstance(e, OSError):
                 raise self._os_error(info, e) from None
             raise
         finally:
-            if out >= 0:
-                os.close(out)
             os.close(fd)
 
     # Committing, once the Blocks are verified.
@@ -3270,7 +3297,10 @@ class SafeExtractor:
                     os.replace(pending.temp, name, src_dir_fd=fd, dst_dir_fd=fd)
                     pending.temp = ""
                 elif pending.kind == "symlink":
-                    self._symlink(fd, name, pending.target)
+                    target = pending.target
+                    self._place(
+                        fd, name, lambda temp: os.symlink(target, temp, dir_fd=fd)
+                    )
                 else:
                     self._hardlink(fd, name, info, pending.target.split("/"))
             self.placed.add("/".join(parts))
@@ -3316,40 +3346,40 @@ class SafeExtractor:
         )
 
     @staticmethod
-    def _symlink(fd: int, name: str, target: str) -> None:
+    def _place(fd: int, name: str, make: Callable[[str], None]) -> None:
+        """make() an entry under a hidden name, then rename it over `name`."""
         temp = _temporary_name()
-        os.symlink(target, temp, dir_fd=fd)
-        try:
-            os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=fd)
-            raise
+        with signals_held():
+            try:
+                make(temp)
+                os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            finally:  # rename() leaves both names of one inode (a hardlink to itself)
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=fd)
 
     def _hardlink(
         self, fd: int, name: str, info: tarfile.TarInfo, source: list[str]
     ) -> None:
         src_fd = self._parent(info, source)
-        temp = _temporary_name()
         try:
-            if not stat.S_ISREG(
-                os.stat(source[-1], dir_fd=src_fd, follow_symlinks=False).st_mode
-            ):
+            st = os.stat(source[-1], dir_fd=src_fd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
                 raise HardlinkTargetError(
                     info.name,
                     f"hardlink to {shown(info.linkname)}, which is not a file",
                 )
-            os.link(
-                source[-1],
-                temp,
-                src_dir_fd=src_fd,
-                dst_dir_fd=fd,
-                follow_symlinks=False,
+            self._place(
+                fd,
+                name,
+                lambda temp: os.link(
+                    source[-1],
+                    temp,
+                    src_dir_fd=src_fd,
+                    dst_dir_fd=fd,
+                    follow_symlinks=False,
+                ),
             )
-            os.replace(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=fd)
             os.close(src_fd)
 
     def abort(self) -> None:
@@ -3719,6 +3749,50 @@ def iter_tarballs(root: str) -> Iterator[str]:
     for entry in walk_root(root):
         if entry.path.endswith(".tar.xz") and stat.S_ISREG(entry.st.st_mode):
             yield os.path.join(root, entry.path)
+
+
+def each_tarball(
+    work: Callable[[str], object], paths: Sequence[str], jobs: int
+) -> Iterator:
+    """work(path) for each path, in their order, on up to `jobs` worker processes.
+
+    A binhost holds thousands of small tarballs, each a single xz Block that
+    one core decompresses: the parallelism is across tarballs, in processes
+    (reading tar headers and ELF notes holds the GIL).  At most `jobs`
+    tarballs are open at once; results come back in order.
+    """
+    jobs = min(jobs or available_cpus(), len(paths))
+    if jobs <= 1:
+        yield from map(work, paths)
+        return
+    import multiprocessing  # imported here: a single tarball needs no workers
+
+    pool = multiprocessing.get_context("fork").Pool(jobs, initializer=_worker_start)
+    try:
+        yield from pool.imap(functools.partial(_in_worker, work), paths)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def _worker_start() -> None:
+    """Ctrl-C is the parent's to answer; SIGTERM (terminate) still runs cleanups."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_signal)
+    _Signals.worker = True
+
+
+def _in_worker(work: Callable[[str], object], path: str) -> object:
+    _Signals.working = True
+    try:
+        return work(path)
+    except Terminated:
+        os._exit(143)  # cleanups ran; the parent says what happened
+    finally:
+        _Signals.working = False
 
 
 # ---------------------------------------------------------------------------
@@ -4804,22 +4878,24 @@ def _list_row(row: Listing, verbose: bool) -> str:
 
 def cmd_verify(args: argparse.Namespace, log: Log) -> int:
     status = 0
-    for path in args.tarballs:
-        try:
-            result = verify_archive(path, all_problems=args.verbosity > 0)
-        except PackdebugError as e:
-            log.write(f"{shown(path)}: FAILED\n  FAIL  {e.reason}\n")
-            status = 1
+    work = functools.partial(_verify_one, all_problems=args.verbosity > 0)
+    for path, ok, checks in each_tarball(work, args.tarballs, args.jobs):
+        status |= not ok
+        if ok and args.verbosity < 0:
             continue
-        status |= not result.ok
-        if result.ok and args.verbosity < 0:
-            continue
-        log.write(f"{shown(path)}: {'ok' if result.ok else 'FAILED'}\n")
-        for check in result.checks:
-            if check.ok and args.verbosity < 0:
-                continue
-            log.write(f"  {check.label}  {check.name}: {check.detail}\n")
+        log.write(f"{shown(path)}: {'ok' if ok else 'FAILED'}\n")
+        for check in checks:
+            if not check.ok or args.verbosity >= 0:
+                log.write(f"  {check.label}  {check.name}: {check.detail}\n")
     return status
+
+
+def _verify_one(path: str, all_problems: bool) -> tuple[str, bool, list[Check]]:
+    try:
+        result = verify_archive(path, all_problems=all_problems)
+    except PackdebugError as e:
+        return path, False, [Check("file", False, e.reason)]
+    return path, result.ok, result.checks
 
 
 def cmd_extract(args: argparse.Namespace, log: Log) -> int:
@@ -4943,23 +5019,34 @@ def cmd_find(args: argparse.Namespace, log: Log) -> int:
             )
         tarballs.extend(iter_tarballs(place))
     found = 0
-    for search in (Archive.find_build_id_by_link, Archive.find_build_id_by_notes):
-        for path in tarballs:
-            try:
-                with Archive(path) as archive:
-                    hit = search(archive, build_id)
-            except PackdebugError as e:
-                log.warning(f"{e} (skipped)")
-                continue
-            if hit:
-                log.write(f"{shown(path)}  {shown(hit.name)}\n")
+    for by_link in (True, False):
+        work = functools.partial(_find_one, build_id=build_id, by_link=by_link)
+        for path, hit, problem in each_tarball(work, tarballs, args.jobs):
+            if problem:
+                log.warning(f"{problem} (skipped)")
+            elif hit:
+                log.write(f"{shown(path)}  {shown(hit)}\n")
                 found += 1
         if found:
             return 0
-    log.warning(
-        f"build-id {build_id} is in no tarball under {' '.join(shown(p) for p in places)}"
-    )
+    where = " ".join(shown(p) for p in places)
+    log.warning(f"build-id {build_id} is in no tarball under {where}")
     return 1
+
+
+def _find_one(path: str, build_id: str, by_link: bool) -> tuple[str, str | None, str]:
+    """(path, member holding the build-id or None, problem)."""
+    try:
+        with Archive(path) as archive:
+            search = (
+                archive.find_build_id_by_link
+                if by_link
+                else archive.find_build_id_by_notes
+            )
+            hit = search(build_id)
+    except PackdebugError as e:
+        return path, None, str(e)
+    return path, hit.name if hit else None, ""
 
 
 def cmd_repack(args: argparse.Namespace, log: Log) -> int:
@@ -4969,18 +5056,40 @@ def cmd_repack(args: argparse.Namespace, log: Log) -> int:
         check_root(args.root, "--root")
     paths = list(args.tarballs) or list(iter_tarballs(args.root))
     options = pack_options(args)
-    sde = _source_date_epoch(os.environ)
+    workers = min(options.jobs or available_cpus(), len(paths))
+    if workers > 1:
+        options.jobs = 1  # a thread per tarball, a tarball per worker
+    progress = None
+    if workers <= 1 and paths and not args.dry_run and progress_line(log, 0):
+        with Archive(paths[0]) as archive:  # the exact total, from the xz Index
+            progress = Progress(archive.reader.size, log.err)
+    work = functools.partial(
+        _repack_one,
+        options=options,
+        force=args.force,
+        dry_run=args.dry_run,
+        source_date_epoch=_source_date_epoch(os.environ),
+        progress=progress,
+    )
     status, saved, done = 0, 0, 0
-    for path in paths:
-        try:
-            result = _repack_one(path, args, options, sde, log)
-        except PackdebugError as e:
-            log.warning(str(e))
-            status = 1
-            continue
-        if result.new_size is not None:
-            done += 1
-            saved += result.old_size - result.new_size
+    try:
+        for path, result, problem in each_tarball(work, paths, workers):
+            if problem:
+                log.warning(problem)
+                status = 1
+                continue
+            _report_repack(path, result, log)
+            if result.new_size is not None:
+                done += 1
+                saved += result.old_size - result.new_size
+    except (KeyboardInterrupt, Terminated) as e:
+        e.packdebug_state = (
+            f"{plural(done, 'tarball')} repacked before; the others are untouched"
+        )
+        raise
+    finally:
+        if progress:
+            progress.clear()
     if not args.dry_run:
         log.info(
             f"repacked {done} of {plural(len(paths), 'tarball')}: "
@@ -4989,25 +5098,14 @@ def cmd_repack(args: argparse.Namespace, log: Log) -> int:
     return status
 
 
-def _repack_one(
-    path: str, args: argparse.Namespace, options: PackOptions, sde: int | None, log: Log
-) -> RepackResult:
-    progress = None
-    if progress_line(log, 0) and not args.dry_run:
-        with Archive(path) as archive:  # the exact total, from the xz Index
-            progress = Progress(archive.reader.size, log.err)
+def _repack_one(path: str, **options) -> tuple[str, RepackResult | None, str]:
     try:
-        result = repack_archive(
-            path,
-            options,
-            force=args.force,
-            dry_run=args.dry_run,
-            source_date_epoch=sde,
-            progress=progress,
-        )
-    finally:
-        if progress:
-            progress.clear()
+        return path, repack_archive(path, **options), ""
+    except PackdebugError as e:
+        return path, None, str(e)
+
+
+def _report_repack(path: str, result: RepackResult, log: Log) -> None:
     reasons = "; ".join(result.reasons)
     if not result.reasons:
         log.detail(
@@ -5021,7 +5119,6 @@ def _repack_one(
             f"{shown(path)}: repacked ({reasons}): {format_size(result.old_size)} -> "
             f"{format_size(result.new_size)} ({'+' if change >= 0 else '-'}{format_size(abs(change))})"
         )
-    return result
 
 
 def cmd_prune(args: argparse.Namespace, log: Log) -> int:
@@ -5380,6 +5477,18 @@ def _add_compression(p: argparse.ArgumentParser) -> None:
     p.set_defaults(preset=6)
 
 
+def _add_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-j",
+        "--jobs",
+        type=jobs_arg,
+        default=0,
+        metavar="N",
+        help="read N tarballs at a time, in worker processes; 0 (the default) "
+        "means one per CPU",
+    )
+
+
 def _add_buildid(commands) -> None:
     p = _command(
         commands,
@@ -5436,6 +5545,7 @@ Works on any .tar.xz, Portage's included.  Exits 0 only if all pass.""",
   packdebug verify -q $(find /usr/lib/debug/.tarball -name '*.tar.xz')""",
     )
     p.add_argument("tarballs", nargs="+", metavar="TARBALL")
+    _add_workers(p)
     _verbosity(
         p,
         "list every problem (otherwise the first 5 of each check)",
@@ -5515,6 +5625,7 @@ notes of every member.  Exits 1 if no tarball holds it.""",
         metavar="ROOT|TARBALL",
         help=f"tarballs, or directories holding them (default: /{TARBALL_DIR})",
     )
+    _add_workers(p)
     p.set_defaults(run=cmd_find, verbosity=0)
 
 
@@ -5530,7 +5641,8 @@ stay byte-identical; each tarball is replaced atomically under its own name,
 and only once the new one passes verify.  One that fails verify's xz or tar
 checks is left untouched and reported; one already in the layout is skipped
 unless --force.  A tarball with large xz blocks is first decompressed into an
-unnamed temporary file beside it.""",
+unnamed temporary file beside it.  Several tarballs are repacked -j at a
+time, in worker processes, each compressed on one thread.""",
         """\
   packdebug repack --root /usr/lib/debug/.tarball --dry-run
   packdebug repack /usr/lib/debug/.tarball/app-misc/hello/hello-1.0-1-debug.tar.xz""",
@@ -5696,14 +5808,6 @@ debuginfod command line, a hardened systemd unit, and the clients' line.""",
 PRODUCT_ON_STDOUT = {"buildid", "list", "find", "settings", "extract"}
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that cleanups run."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def _quiet_stdout() -> None:
     """Point fd 1 at /dev/null, so that what is still buffered cannot fail again at exit."""
     with contextlib.suppress(OSError):
@@ -5727,8 +5831,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     args = parser.parse_args(argv)
     log = Log(args.verbosity)
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, on_signal)
+    previous_term = signal.signal(signal.SIGTERM, on_signal)
     try:
         status = args.run(args, log)
         with contextlib.suppress(ValueError):  # stdout closed
@@ -5754,7 +5858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(_stopped(e, "interrupted"), file=sys.stderr)
         return 130
-    except _Terminated as e:
+    except Terminated as e:
         print(_stopped(e, "terminated"), file=sys.stderr)
         return 143
     except BrokenPipeError:

@@ -1611,7 +1611,9 @@ def test_sigint_during_start_up_prints_no_traceback(tmp_path):
     which no code in the script can prevent.
     """
     lines = SCRIPT.read_text().splitlines()
-    quiet = next(i for i, line in enumerate(lines, 1) if "_signal.signal(_signal.SIGINT" in line)
+    quiet = next(
+        i for i, line in enumerate(lines, 1) if "_signal.signal(_signal.SIGINT" in line
+    )
     ours = []
     for delay in [0.005 * i for i in range(1, 41)]:
         proc = subprocess.Popen(
@@ -2618,6 +2620,83 @@ def test_repack_of_a_large_single_block_tarball_spools_it_once(tmp_path):
     with pd.Archive(tarball) as archive:
         for name, data in files.items():
             assert b"".join(archive.data(archive.locate(name))) == data
+
+
+def test_several_tarballs_are_read_in_worker_processes_in_order(image, tmp_path):
+    tarball = pack(image)
+    root = tmp_path / "root"
+    paths = []
+    for i in range(6):
+        path = root / f"cat/p{i}/p{i}-1-1-debug.tar.xz"
+        path.parent.mkdir(parents=True)
+        shutil.copy(tarball, path)
+        paths.append(path)
+    bad = paths[3]
+    bad.write_bytes(bad.read_bytes()[:-20])
+    one = cli("verify", "-j1", *paths, check=False)
+    two = cli("verify", "-j2", *paths, check=False)
+    assert one.returncode == two.returncode == 1 and one.stdout == two.stdout
+    assert [
+        line.split(":")[0]
+        for line in two.stdout.splitlines()
+        if not line.startswith(" ")
+    ] == [str(p) for p in paths]
+    hello_id = readelf_build_id(image / "usr/bin/hello")
+    found = cli("find", "-j2", hello_id, root)
+    assert [line.split()[0] for line in found.stdout.splitlines()] == [
+        str(p) for p in paths if p != bad
+    ]
+    assert f"{bad}: " in found.stderr and "(skipped)" in found.stderr
+
+
+def test_repack_root_in_parallel_replaces_each_tarball_atomically(image, tmp_path):
+    root = tmp_path / "root"
+    paths = []
+    for i in range(4):
+        path = root / f"app-misc/hello/hello-1.{i}-1-debug.tar.xz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        paths.append(portage_tarball(image, path))
+    result = cli("repack", "--root", root, "-j2")
+    assert "repacked 4 of 4 tarballs" in result.stdout
+    assert [line.split(":")[0] for line in result.stdout.splitlines()[:-1]] == [
+        str(p) for p in paths
+    ]
+    expected = pack(image).read_bytes()
+    assert all(p.read_bytes() == expected for p in paths)
+    assert not list(root.rglob("*.tmp"))
+
+
+def test_interrupted_parallel_repack_leaves_each_tarball_whole(tmp_path):
+    root = tmp_path / "root"
+    originals = {}
+    for i in range(4):
+        image = tmp_path / f"image{i}"
+        make_tree(image, {"usr/lib/debug/blob": random_bytes(6 * MiB, 40 + i)})
+        path = root / f"cat/p{i}/p{i}-1-1-debug.tar.xz"
+        path.parent.mkdir(parents=True)
+        portage_tarball(image, path)
+        originals[path] = path.read_bytes()
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "repack", "--root", root, "-j2", "-9"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    deadline = time.monotonic() + 60
+    while not list(root.rglob(".*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert (
+        proc.returncode == 130
+        and "interrupted;" in err
+        and "the others are untouched" in err
+    )
+    assert "Traceback" not in err
+    assert not list(root.rglob("*.tmp")), "no temporary file is left"
+    for path, before in originals.items():
+        assert path.read_bytes() == before or cli("verify", path).returncode == 0
 
 
 def test_repack_root_must_exist(tmp_path):

@@ -96,7 +96,7 @@ def functions(tree: ast.Module) -> dict[int, str]:
     return names
 
 
-def coverage(work: pathlib.Path, jobs: int) -> dict[str, set[str]]:
+def coverage(work: pathlib.Path, snapshot: pathlib.Path) -> dict[str, set[str]]:
     """{function name: node ids of the tests that ran it}, from one run of the suite."""
     site = work / "site"
     site.mkdir()
@@ -106,7 +106,7 @@ def coverage(work: pathlib.Path, jobs: int) -> dict[str, set[str]]:
     trace.mkdir()
     env = {
         **os.environ,
-        "PYTHONPATH": f"{site}:{HERE}",
+        "PYTHONPATH": f"{site}:{snapshot}",
         "MUTANTS_TRACE": str(trace),
         "PACKDEBUG_HARNESS_TESTS": "0",
     }
@@ -121,8 +121,10 @@ def coverage(work: pathlib.Path, jobs: int) -> dict[str, set[str]]:
         "mutants_plugin",
         "test_packdebug.py",
     ]
-    subprocess.run(command, cwd=HERE, env=env, check=False, stdout=subprocess.DEVNULL)
-    names = functions(ast.parse(SOURCE.read_text()))
+    subprocess.run(
+        command, cwd=snapshot, env=env, check=False, stdout=subprocess.DEVNULL
+    )
+    names = functions(ast.parse((snapshot / "packdebug.py").read_text()))
     covered: dict[str, set[str]] = collections.defaultdict(set)
     for path in trace.glob("*.json"):
         test, lines = json.loads(path.read_text())
@@ -251,10 +253,8 @@ def run_mutant(
 ) -> str:
     """'killed', 'survived' or 'timeout' for one mutant."""
     scratch = work / f"m{index}"
-    scratch.mkdir()
+    shutil.copytree(work / "snapshot", scratch)
     (scratch / "packdebug.py").write_text(source)
-    shutil.copy(HERE / "test_packdebug.py", scratch)
-    shutil.copytree(HERE / "tests", scratch / "tests")
     env = {**os.environ, "PACKDEBUG_HARNESS_TESTS": "0", "PYTHONDONTWRITEBYTECODE": "1"}
     command = [
         sys.executable,
@@ -293,11 +293,15 @@ def main() -> int:
     parser.add_argument("--only", help="only mutants of this function")
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
-    tree = ast.parse(SOURCE.read_text())
     with tempfile.TemporaryDirectory(prefix="packdebug-mutants.") as tmp:
         work = pathlib.Path(tmp)
+        snapshot = work / "snapshot"  # the code and tests as they are now
+        shutil.copytree(HERE / "tests", snapshot / "tests")
+        shutil.copy(HERE / "test_packdebug.py", snapshot)
+        shutil.copy(SOURCE, snapshot)
         start = time.monotonic()
-        covered = coverage(work, args.jobs)
+        covered = coverage(work, snapshot)
+        tree = ast.parse((snapshot / "packdebug.py").read_text())
         print(
             f"coverage: {len(covered)} functions ran under the tests ({time.monotonic() - start:.0f} s)"
         )
