@@ -3037,6 +3037,14 @@ def _temporary_name() -> str:
     return f".packdebug-{os.urandom(6).hex()}.tmp"
 
 
+_KINDS = (
+    (tarfile.TarInfo.isdir, "directory"),
+    (tarfile.TarInfo.isreg, "file"),
+    (tarfile.TarInfo.issym, "symlink"),
+    (tarfile.TarInfo.islnk, "hardlink"),
+)
+
+
 @dataclasses.dataclass
 class _Pending:
     """A member read but not yet in place: its Blocks' checks are still to pass."""
@@ -3113,17 +3121,7 @@ class SafeExtractor:
         if ".." in name.split("/"):
             raise OutsideDestinationError(name, "'..' component leads outside")
         norm = normalize_name(name)
-        kind = (
-            "directory"
-            if info.isdir()
-            else "file"
-            if info.isreg()
-            else "symlink"
-            if info.issym()
-            else "hardlink"
-            if info.islnk()
-            else ""
-        )
+        kind = next((kind for test, kind in _KINDS if test(info)), "")
         if not kind:
             raise SpecialFileError(
                 name, "devices, FIFOs and other special files are not extracted"
@@ -3162,12 +3160,10 @@ class SafeExtractor:
                 f"{'path' if path >= PATH_MAX else 'link target'} longer than "
                 f"the {PATH_MAX - 1} bytes a path may have",
             )
-        if (
-            not info.linkname
-            if kind == "symlink"
-            else kind == "hardlink" and not normalize_name(info.linkname)
-        ):
-            raise BadNameError(info.name, f"{kind} without a target")
+        if kind == "symlink" and not info.linkname:
+            raise BadNameError(info.name, "symlink without a target")
+        if kind == "hardlink" and not normalize_name(info.linkname):
+            raise BadNameError(info.name, "hardlink without a target")
 
     def _check_parents(self, name: str, norm: str) -> None:
         parts = norm.split("/")

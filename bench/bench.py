@@ -32,8 +32,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import pathlib
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -89,6 +91,7 @@ def trees(image: pathlib.Path) -> str:
 def tarball_facts(path: pathlib.Path) -> dict:
     reader = pd.XzReader(path)
     facts = {
+        "path": str(path),
         "size": path.stat().st_size,
         "blocks": len(reader.layout.blocks),
         "seekable": pd.seekability(reader.layout).ok,
@@ -395,6 +398,328 @@ def bench_big(
 
 
 # ---------------------------------------------------------------------------
+# kernel: the size/latency frontier, served by debuginfod 0.192
+# ---------------------------------------------------------------------------
+
+KERNEL_DEB = "linux-image-6.12.117+deb12-cloud-amd64-dbg"
+HARNESS = pathlib.Path("/var/tmp/debuginfod-harness")
+FETCHES = 40  # cold fetches per layout, spread over the archive
+# (label, block size, large-member threshold): the frontier measured, packdebug's
+# default among them.
+KERNEL_LAYOUTS = [
+    ("8 MiB blocks, own blocks from 1 MiB", 8 * MiB, 1 * MiB),
+    ("8 MiB blocks, own blocks from 4 MiB", 8 * MiB, 4 * MiB),
+    ("8 MiB blocks, grouped (default)", 8 * MiB, 8 * MiB),
+    ("12 MiB blocks, grouped", 12 * MiB, 12 * MiB),
+    ("16 MiB blocks, grouped", 16 * MiB, 16 * MiB),
+]
+
+
+def build_kernel(work: pathlib.Path) -> pathlib.Path:
+    """The Debian cloud kernel's debug info, downloaded and unpacked once."""
+
+    def build(staging: pathlib.Path) -> None:
+        debs = work / "debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        if not list(debs.glob(f"{KERNEL_DEB.split('+')[0]}*.deb")):
+            if subprocess.run(
+                ["apt-get", "download", KERNEL_DEB], cwd=debs, check=False
+            ).returncode:
+                sh("apt-get update -q", stdout=subprocess.DEVNULL)
+                subprocess.run(
+                    ["apt-get", "download", KERNEL_DEB], cwd=debs, check=True
+                )
+        deb = next(debs.glob(f"{KERNEL_DEB.split('+')[0]}*.deb"))
+        subprocess.run(["dpkg", "-x", deb, staging], check=True)
+
+    return cached(work, "kernel", build)
+
+
+def pack_layout(
+    image: pathlib.Path, out: pathlib.Path, block: int, large: int, cpus: int
+) -> dict:
+    """packdebug pack with this Block layout: wall, peak RSS and the tarball's facts."""
+    if not out.exists():
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); import packdebug as pd\n"
+            "request = pd.PackRequest(sys.argv[2], output=sys.argv[3])\n"
+            "options = pd.PackOptions(6, int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))\n"
+            "pd.pack(request, options, pd.Log(-1))\n"
+        )
+        argv = [
+            sys.executable,
+            "-c",
+            code,
+            str(HERE),
+            str(image),
+            str(out),
+            str(cpus),
+            str(block),
+            str(large),
+        ]
+        wall, rss = measure(argv)
+        (out.parent / (out.name + ".measured")).write_text(json.dumps([wall, rss]))
+    wall, rss = json.loads((out.parent / (out.name + ".measured")).read_text())
+    return {"wall": wall, "rss_kib": rss, **tarball_facts(out)}
+
+
+def portage_xz58(image: pathlib.Path, out: pathlib.Path) -> dict:
+    """Portage's `tar -cJf` with xz 5.8 (-T0, 24 MiB blocks), in the harness's trixie chroot."""
+    if not out.exists():
+        root = HARNESS / "trixie"
+        script = (
+            'set -e; mkdir -p "$3/mnt/bench-image" "$3/mnt/bench-out"; '
+            'mount --bind -o ro "$1" "$3/mnt/bench-image"; mount --bind "$2" "$3/mnt/bench-out"; '
+            'exec chroot "$3" /bin/sh -c "cd /mnt/bench-image && tar -cJf /mnt/bench-out/$4 ./usr/lib/debug"'
+        )
+        argv = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(image),
+            str(out.parent),
+            str(root),
+            out.name,
+        ]
+        wall, rss = measure(argv)
+        (out.parent / (out.name + ".measured")).write_text(json.dumps([wall, rss]))
+    wall, rss = json.loads((out.parent / (out.name + ".measured")).read_text())
+    return {"wall": wall, "rss_kib": rss, **tarball_facts(out)}
+
+
+def spread_build_ids(tarball: pathlib.Path, count: int) -> list[tuple[str, str]]:
+    """(build-id, member) of `count` debug ELF spread evenly over the archive's order."""
+    elfs = []
+    with pd.Archive(tarball) as archive:
+        for info in archive.members():
+            elf = archive.elf_info(info, sections=True) if info.isreg() else None
+            if elf and elf.is_debuginfo:
+                elfs.append((elf.build_id, pd.normalize_name(info.name)))
+    return [elfs[int((k + 0.5) * len(elfs) / count)] for k in range(count)]
+
+
+def cold_fetches(root: pathlib.Path, ids: list, image: pathlib.Path) -> dict:
+    """Serve root with debuginfod 0.192; time one cold debuginfod-find per build-id."""
+    port = str(18900 + os.getpid() % 90)
+    pid = subprocess.run(
+        [HARNESS / "run-debuginfod.sh", root, port],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    times = []
+    try:
+        subprocess.run(
+            [HARNESS / "wait-scan.sh", port, "3600"], capture_output=True, check=True
+        )
+        for build_id, member in ids:
+            start = time.perf_counter()
+            got = subprocess.run(
+                [HARNESS / "find.sh", port, "debuginfo", build_id],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            times.append(time.perf_counter() - start)
+            sh(f"cmp {got} {image / member}")
+            shutil.rmtree(
+                got[: got.index("/", len(str(HARNESS / "trixie/tmp/find-cache.")))]
+            )
+        log = (HARNESS / f"trixie/tmp/debuginfod-{port}/debuginfod.log").read_text(
+            errors="replace"
+        )
+    finally:
+        subprocess.run(
+            [HARNESS / "stop-debuginfod.sh", pid], capture_output=True, check=False
+        )
+    times.sort()
+    return {
+        "median": statistics.median(times),
+        "p95": times[round(0.95 * (len(times) - 1))],
+        "seeks": log.count("seeking in xz archive"),
+    }
+
+
+def bench_kernel(
+    work: pathlib.Path, cpus: int, layouts: list[tuple[str, int, int]]
+) -> dict:
+    image = build_kernel(work)
+    out = work / "out/kernel"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    portage_dir = out / "portage/k/kernel"
+    portage_dir.mkdir(parents=True, exist_ok=True)
+    print(
+        "bench: kernel: Portage's tar -cJf with xz 5.8 ...", file=sys.stderr, flush=True
+    )
+    rows["portage tar -cJf (xz 5.8)"] = portage_xz58(
+        image, portage_dir / "kernel-1-debug.tar.xz"
+    )
+    ids = spread_build_ids(portage_dir / "kernel-1-debug.tar.xz", FETCHES)
+    for label, block, large in layouts:
+        print(f"bench: kernel: packdebug {label} ...", file=sys.stderr, flush=True)
+        directory = out / label.replace(" ", "") / "k/kernel"
+        directory.mkdir(parents=True, exist_ok=True)
+        rows[label] = pack_layout(
+            image, directory / "kernel-1-debug.tar.xz", block, large, cpus
+        )
+    for label, row in rows.items():
+        print(f"bench: kernel: serving {label} ...", file=sys.stderr, flush=True)
+        tarball = pathlib.Path(row["path"])
+        row.update(cold_fetches(tarball.parents[1], ids, image))
+    default = next(r for label, r in rows.items() if label.endswith("(default)"))
+    return {
+        "image_bytes": image_size(image),
+        "rows": rows,
+        "locate": bench_locate(pathlib.Path(default["path"]), image),
+    }
+
+
+def bench_locate(tarball: pathlib.Path, image: pathlib.Path, runs: int = 15) -> dict:
+    """extract --build-id and --member of one module, against python3 -c pass."""
+    member = next(
+        pd.normalize_name(i.name)
+        for i in pd.Archive(tarball).members()
+        if i.name.endswith(".ko.debug") and "/net/" in i.name
+    )
+    build_id = pd.read_build_id(image / member)
+    out = tarball.parent / "one.debug"
+    base = [sys.executable, str(PACKDEBUG), "extract", str(tarball)]
+    results = {
+        "python3 -c pass": repeat([sys.executable, "-c", "pass"], runs),
+        "extract --build-id": repeat(
+            [*base, "--build-id", build_id, "-o", str(out)], runs
+        ),
+        "extract --member": repeat([*base, "--member", member, "-o", str(out)], runs),
+    }
+    sh(f"cmp {out} {image / member}")
+    return {"member": member, **results}
+
+
+# ---------------------------------------------------------------------------
+# binhost: thousands of small tarballs
+# ---------------------------------------------------------------------------
+
+
+def build_binhost(work: pathlib.Path, kernel: pathlib.Path) -> pathlib.Path:
+    """One Portage tarball (`tar -cJf`, single-block with xz 5.4) per kernel module.
+
+    Each module is a package's image: its .debug and estrip's .build-id link.
+    Each package has two versions, as a binhost keeps them: 1.0 and 1.1.
+    """
+
+    def build(staging: pathlib.Path) -> None:
+        debug = kernel / "usr/lib/debug"
+        modules = sorted(
+            p for p in debug.rglob("*.ko.debug") if p.is_file() and not p.is_symlink()
+        )
+        scratch = work / "binhost.image"
+        for n, module in enumerate(modules):
+            shutil.rmtree(scratch, ignore_errors=True)
+            rel = module.relative_to(debug)
+            target = scratch / "usr/lib/debug" / rel
+            target.parent.mkdir(parents=True)
+            shutil.copy2(module, target)
+            build_id = pd.read_build_id(module)
+            link = (
+                scratch / f"usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+            )
+            link.parent.mkdir(parents=True)
+            link.symlink_to("../../" + str(rel))
+            pn = f"m{n:04d}-" + module.name.split(".")[0].replace("_", "-")
+            pn = re.sub(r"-(\d)", r"-x\1", pn)  # a PN may not end in -VERSION
+            directory = staging / f"sys-kernel-{n // 100:02d}" / pn
+            directory.mkdir(parents=True)
+            first = directory / f"{pn}-1.0-1-debug.tar.xz"
+            sh(f"cd {scratch} && tar -cJf {first} ./usr/lib/debug")
+            shutil.copy2(first, directory / f"{pn}-1.1-1-debug.tar.xz")
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    tree = work / "binhost"
+    if not tree.is_dir():
+        print(
+            "bench: binhost: one Portage tarball per kernel module (once) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        staging = work / "binhost.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        build(staging)
+        staging.rename(tree)
+    return tree
+
+
+def bench_binhost(
+    work: pathlib.Path, kernel: pathlib.Path, runs: int, cpus: int
+) -> dict:
+    tree = build_binhost(work, kernel)
+    tarballs = sorted(str(p) for p in tree.rglob("*-debug.tar.xz"))
+    results = {
+        "tarballs": len(tarballs),
+        "bytes": sum(os.path.getsize(p) for p in tarballs),
+    }
+    verify = [sys.executable, str(PACKDEBUG), "verify", "-q"]
+    for jobs in (1, cpus):
+        results[f"verify -j{jobs}"] = repeat([*verify, f"-j{jobs}", *tarballs], runs)
+    results["verify 200"] = repeat([*verify, f"-j{cpus}", *tarballs[:200]], runs)
+    copy = work / "binhost.copy"
+    for jobs in (1, cpus):
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(tree, copy)
+        print(
+            f"bench: binhost: repack --root -j{jobs} ...", file=sys.stderr, flush=True
+        )
+        results[f"repack -j{jobs}"] = repeat(
+            [
+                sys.executable,
+                str(PACKDEBUG),
+                "repack",
+                "-q",
+                "--root",
+                str(copy),
+                f"-j{jobs}",
+            ],
+            1,
+        )
+    repacked = sorted(str(p) for p in copy.rglob("*-debug.tar.xz"))
+    small = work / "binhost.small"
+    shutil.rmtree(small, ignore_errors=True)
+    for path in tarballs[:200]:
+        target = small / pathlib.Path(path).relative_to(tree)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    results["repack 200"] = repeat(
+        [
+            sys.executable,
+            str(PACKDEBUG),
+            "repack",
+            "-q",
+            "--root",
+            str(small),
+            f"-j{cpus}",
+        ],
+        1,
+    )
+    with pd.Archive(repacked[-1]) as archive:
+        last = next(
+            archive.elf_info(i).build_id for i in archive.members() if i.isreg()
+        )
+    find = [sys.executable, str(PACKDEBUG), "find", last]
+    results["find (repacked)"] = repeat([*find, str(copy)], runs)
+    results["find (Portage's)"] = repeat([*find, str(tree)], runs)
+    results["verify -j%d (repacked)" % cpus] = repeat(
+        [*verify, f"-j{cpus}", *repacked], runs
+    )
+    shutil.rmtree(small, ignore_errors=True)
+    return results
+
+
+# ---------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------
 
@@ -436,6 +761,63 @@ def report_pack(run: dict, cpus: int) -> list[str]:
         f"| peak RSS, -j{cpus} - xz -T{cpus} | <= +64 MiB | {(pdn['rss_kib'] - xzn['rss_kib']) / 1024:+.0f} MiB |",
     ]
     return lines
+
+
+def report_kernel(kernel: dict) -> list[str]:
+    rows = kernel["rows"]
+    portage = rows["portage tar -cJf (xz 5.8)"]
+    lines = [
+        f"Kernel: `{KERNEL_DEB}`, {mib(kernel['image_bytes'])}; {FETCHES} cold "
+        "`debuginfod-find debuginfo` from debuginfod 0.192, one per build-id, spread over the archive.",
+        "",
+        "| layout | size | / Portage | blocks | pack wall | peak RSS | fetch median | / Portage | fetch p95 | / Portage |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, r in rows.items():
+        lines.append(
+            f"| {label} | {mib(r['size'])} | {r['size'] / portage['size']:.3f} | {r['blocks']} | "
+            f"{r['wall'] / 60:.1f} min | {r['rss_kib'] / 1024:.0f} MiB | {r['median'] * 1000:.0f} ms | "
+            f"{r['median'] / portage['median']:.2f} | {r['p95'] * 1000:.0f} ms | {r['p95'] / portage['p95']:.2f} |"
+        )
+    locate = kernel["locate"]
+    base = locate["python3 -c pass"]["wall"]
+    lines += [
+        "",
+        f"Finding one module, `{locate['member']}`, in the default layout's tarball:",
+        "",
+        "| command | wall (median) | minus python3 -c pass |",
+        "| --- | --- | --- |",
+    ]
+    for name in ("python3 -c pass", "extract --build-id", "extract --member"):
+        r = locate[name]
+        lines.append(
+            f"| {name} | {r['wall'] * 1000:.0f} ms | {(r['wall'] - base) * 1000:+.0f} ms |"
+        )
+    return lines
+
+
+def report_binhost(b: dict, cpus: int) -> list[str]:
+    n = b["tarballs"]
+    v1, vn = b["verify -j1"], b[f"verify -j{cpus}"]
+    r1, rn = b["repack -j1"], b[f"repack -j{cpus}"]
+    return [
+        f"Binhost: {n} Portage tarballs (`tar -cJf`, xz 5.4: one block each), one per kernel "
+        f"module and version, {mib(b['bytes'])}.",
+        "",
+        "| measure | target | measured |",
+        "| --- | --- | --- |",
+        f"| repack --root, -j1 / -j{cpus} | >= 1.8x | {r1['wall']:.0f} s / {rn['wall']:.0f} s = "
+        f"{r1['wall'] / rn['wall']:.2f}x ({rn['wall'] / n * 1000:.0f} ms per tarball) |",
+        f"| verify, -j1 / -j{cpus} | >= 1.8x | {v1['wall']:.1f} s / {vn['wall']:.1f} s = "
+        f"{v1['wall'] / vn['wall']:.2f}x ({vn['wall'] / n * 1000:.1f} ms per tarball) |",
+        f"| find, build-id in the last tarball (repacked) | < 2 s | {b['find (repacked)']['wall']:.2f} s |",
+        f"| same, Portage's tarballs | | {b["find (Portage's)"]['wall']:.2f} s |",
+        f"| peak RSS of verify -j{cpus}, 200 / {n} tarballs | flat | "
+        f"{b['verify 200']['rss_kib'] / 1024:.0f} / {vn['rss_kib'] / 1024:.0f} MiB |",
+        f"| peak RSS of repack -j{cpus}, 200 / {n} tarballs | flat | "
+        f"{b['repack 200']['rss_kib'] / 1024:.0f} / {rn['rss_kib'] / 1024:.0f} MiB |",
+        f"| verify -j{cpus} of the repacked tree | | {b[f'verify -j{cpus} (repacked)']['wall']:.1f} s |",
+    ]
 
 
 def report(results: dict) -> str:
@@ -502,6 +884,10 @@ def report(results: dict) -> str:
             for name, r in big["readers"].items()
         ]
         out.append("")
+    if results.get("kernel"):
+        out += report_kernel(results["kernel"]) + [""]
+    if results.get("binhost"):
+        out += report_binhost(results["binhost"], cpus) + [""]
     return "\n".join(out)
 
 
@@ -527,7 +913,10 @@ def main() -> int:
         "--runs", type=int, default=3, help="runs per measurement (median)"
     )
     parser.add_argument(
-        "--skip", action="append", default=[], choices=("blocks", "small", "big")
+        "--skip",
+        action="append",
+        default=[],
+        choices=("pack", "blocks", "small", "big", "kernel", "binhost"),
     )
     args = parser.parse_args()
     work = pathlib.Path(args.work)
@@ -548,7 +937,7 @@ def main() -> int:
     }
     results["pack"] = [
         bench_pack(image, work / "out" / image.name, args.runs, cpus)
-        for image in images
+        for image in (images if "pack" not in args.skip else [])
     ]
     if "blocks" not in args.skip:
         results["blocks"] = bench_blocks(images[-1], work / "out", cpus)
@@ -561,6 +950,10 @@ def main() -> int:
         results["big"] = bench_big(
             big, build_plain50(work, big), work / "out", args.runs, cpus
         )
+    if "kernel" not in args.skip:
+        results["kernel"] = bench_kernel(work, cpus, KERNEL_LAYOUTS)
+    if "binhost" not in args.skip:
+        results["binhost"] = bench_binhost(work, build_kernel(work), args.runs, cpus)
     text = report(results)
     print(text)
     (HERE / "bench-results").mkdir(exist_ok=True)
