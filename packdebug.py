@@ -435,21 +435,23 @@ SHT_PROGBITS, SHT_SYMTAB, SHT_NOTE, SHT_NOBITS = 1, 2, 7, 8
 SHF_ALLOC = 0x2
 SHN_XINDEX = PN_XNUM = 0xFFFF
 NT_GNU_BUILD_ID = 3
+DEBUG_SECTION_PREFIXES = (b".debug_", b".zdebug_")  # debuginfod.cxx elf_classify
 
 # The fields packdebug reads of each structure; struct pad bytes (x) skip
 # the others.  ELF32 and ELF64 differ in field sizes and, for program
-# headers, in field order.
+# headers, in field order.  The tables' entries (millions, in a hostile
+# file) are plain tuples of these fields, unpacked under these names; a
+# program header gives (p_type, p_offset, p_filesz, p_align).
 Elf_Ehdr = collections.namedtuple(
     "Elf_Ehdr",
     "e_type e_machine e_version e_entry e_phoff e_shoff e_flags e_ehsize"
     " e_phentsize e_phnum e_shentsize e_shnum e_shstrndx",
 )
-Elf_Phdr = collections.namedtuple("Elf_Phdr", "p_type p_offset p_filesz p_align")
 Elf_Shdr = collections.namedtuple(
     "Elf_Shdr",
     "sh_name sh_type sh_flags sh_offset sh_size sh_link sh_info sh_addralign",
 )
-_ELF_FORMATS = {  # e_ident[EI_CLASS]: (Elf_Ehdr, Elf_Phdr, Elf_Shdr)
+_ELF_FORMATS = {  # e_ident[EI_CLASS]: (Elf_Ehdr, program header, Elf_Shdr)
     ELFCLASS32: ("16xHHIIIIIHHHHHH", "II8xI8xI", "III4xIIIII4x"),
     ELFCLASS64: ("16xHHIQQQIHHHHHH", "I4xQ16xQ8xQ", "IIQ8xQQIIQ8x"),
 }
@@ -543,32 +545,32 @@ class ElfFile:
         for first in range(0, count, per_chunk):
             n = min(per_chunk, count - first)
             chunk = self.read(offset + first * entsize, n * entsize, what)
-            for i in range(n):
-                yield layout.unpack_from(chunk, i * entsize)
+            if entsize == layout.size:
+                yield from layout.iter_unpack(chunk)
+            else:
+                yield from (layout.unpack_from(chunk, i * entsize) for i in range(n))
 
-    def phdrs(self, ehdr: Elf_Ehdr, phnum: int) -> Iterator[Elf_Phdr]:
+    def phdrs(self, ehdr: Elf_Ehdr, phnum: int) -> Iterator[tuple]:
+        """(p_type, p_offset, p_filesz, p_align) of each program header."""
         if not ehdr.e_phoff:
-            return
-        entries = self.table(
+            return iter(())
+        return self.table(
             ehdr.e_phoff,
             phnum,
             ehdr.e_phentsize,
             self.phdr_format,
             "program header table",
         )
-        for entry in entries:
-            yield Elf_Phdr._make(entry)
 
-    def shdrs(self, ehdr: Elf_Ehdr, shnum: int) -> Iterator[Elf_Shdr]:
-        entries = self.table(
+    def shdrs(self, ehdr: Elf_Ehdr, shnum: int) -> Iterator[tuple]:
+        """The Elf_Shdr fields of each section header, as plain tuples (millions may come)."""
+        return self.table(
             ehdr.e_shoff,
             shnum,
             ehdr.e_shentsize,
             self.shdr_format,
             "section header table",
         )
-        for entry in entries:
-            yield Elf_Shdr._make(entry)
 
     def shdr(self, ehdr: Elf_Ehdr, index: int) -> Elf_Shdr:
         """One section header: 0 holds the real counts under extended numbering."""
@@ -643,10 +645,10 @@ def read_elf(
             shstrndx = section0.sh_link if shstrndx == SHN_XINDEX else shstrndx
             phnum = section0.sh_info if phnum == PN_XNUM else phnum
         build_id = None
-        for ph in elf.phdrs(ehdr, phnum):
-            if ph.p_type == PT_NOTE:
+        for p_type, p_offset, p_filesz, p_align in elf.phdrs(ehdr, phnum):
+            if p_type == PT_NOTE:
                 build_id = elf.build_id_in(
-                    ph.p_offset, ph.p_filesz, ph.p_align, "PT_NOTE segment"
+                    p_offset, p_filesz, p_align, "PT_NOTE segment"
                 )
                 if build_id:
                     break
@@ -672,18 +674,20 @@ def _classify_sections(
     """ElfInfo from the section headers, one at a time (elf_classify's tests)."""
     names = _section_names(elf, ehdr, shnum, shstrndx)
     debug = symtab = alloc_progbits = other_alloc = False
-    for index, sh in enumerate(elf.shdrs(ehdr, shnum)):
-        if index == 0:  # the reserved null section
-            continue
-        debug = debug or names.startswith((b".debug_", b".zdebug_"), sh.sh_name)
-        symtab = symtab or sh.sh_type == SHT_SYMTAB
-        if sh.sh_flags & SHF_ALLOC:
-            alloc_progbits = alloc_progbits or sh.sh_type == SHT_PROGBITS
-            other_alloc = other_alloc or sh.sh_type not in (SHT_NOBITS, SHT_NOTE)
-        if sh.sh_type == SHT_NOTE and build_id is None:
+    sections = elf.shdrs(ehdr, shnum)
+    next(sections, None)  # section 0 is reserved
+    for sh_name, sh_type, sh_flags, sh_offset, sh_size, _, _, sh_addralign in sections:
+        if not debug and names.startswith(DEBUG_SECTION_PREFIXES, sh_name):
+            debug = True
+        if sh_type == SHT_SYMTAB:
+            symtab = True
+        elif sh_type == SHT_NOTE and build_id is None:
             build_id = elf.build_id_in(
-                sh.sh_offset, sh.sh_size, sh.sh_addralign, "SHT_NOTE section"
+                sh_offset, sh_size, sh_addralign, "SHT_NOTE section"
             )
+        if sh_flags & SHF_ALLOC:
+            alloc_progbits = alloc_progbits or sh_type == SHT_PROGBITS
+            other_alloc = other_alloc or sh_type not in (SHT_NOBITS, SHT_NOTE)
     return ElfInfo(build_id, ehdr.e_type, debug, symtab, alloc_progbits, other_alloc)
 
 
@@ -1677,9 +1681,10 @@ def _read_debug_elf(tree: ImageTree, member: Member) -> None:
 # 4. packing
 # ---------------------------------------------------------------------------
 
-BLOCK_SIZE = 8 * MiB  # largest uncompressed Block; see README "Block layout"
+BLOCK_SIZE = (
+    8 * MiB
+)  # a shared Block is closed once this full; see README "Block layout"
 BLOCK_SIZE_MIN, BLOCK_SIZE_MAX = 256 * KiB, 512 * MiB
-LARGE_MEMBER = 1 * MiB  # members at least this big get Blocks of their own
 RECORD_SIZE = tarfile.RECORDSIZE  # GNU tar and tarfile pad archives to 10 KiB
 MEMORY_SHARE = 4  # -j uses at most 1/4 of the RAM, as xz -T's default limit
 
@@ -1691,11 +1696,19 @@ class PackOptions:
     preset: int = 6
     jobs: int = 0  # 0: one per CPU
     block_size: int = 0  # 0: default_block_size(preset)
-    large_member: int = LARGE_MEMBER
     extreme: bool = False
+    large_member: int = 0  # 0: block_size
+    large_block: int = 0  # 0: the larger of block_size and 3 x the dictionary
 
     def __post_init__(self) -> None:
         self.block_size = self.block_size or default_block_size(self.preset)
+        self.large_member = self.large_member or self.block_size
+        dictionary = PRESET_DICT_SIZE[self.preset]
+        self.large_block = self.large_block or max(self.block_size, 3 * dictionary)
+
+    def blocks(self, entries) -> Iterator[bytearray]:
+        """tar_blocks with this layout."""
+        return tar_blocks(entries, self.block_size, self.large_member, self.large_block)
 
     @property
     def lzma_preset(self) -> int:
@@ -1708,7 +1721,8 @@ class PackOptions:
         quarter of the RAM, for one encoder and two Blocks per thread) cap.
         """
         cpus = available_cpus()
-        per_job = PRESET_ENCODER_MEMORY[self.preset] + 2 * self.block_size
+        largest = max(self.block_size + self.large_member, self.large_block)
+        per_job = PRESET_ENCODER_MEMORY[self.preset] + 2 * largest
         by_memory = max(1, physical_memory() // MEMORY_SHARE // per_job)
         wanted = self.jobs or cpus
         jobs = min(wanted, cpus, by_memory)
@@ -1747,21 +1761,24 @@ def physical_memory() -> int:
 def tar_blocks(
     entries: Iterable[tuple[tarfile.TarInfo, Callable[[], Iterable[bytes]]]],
     block_size: int = BLOCK_SIZE,
-    large_member: int = LARGE_MEMBER,
+    large_member: int = BLOCK_SIZE,
+    large_block: int = 3 * BLOCK_SIZE,
 ) -> Iterator[bytearray]:
     """Lay a tar archive out as xz Block payloads.
 
     `entries` are (header, data) pairs, data() yielding exactly the member's
-    bytes.  Small members share Blocks of up to block_size, cut between
-    members.  A large member (at least `large_member` bytes, or too big for
-    a Block) starts a new Block with its header, its data is cut every
-    block_size, and the member after it starts a new Block: extracting it
-    never decompresses its neighbours.  So every Block starts with a tar
-    header except those continuing a large member, which is what lets
-    `find` and `extract` locate a member by reading only Block starts.
-    The end-of-archive marker gets a Block of its own: any archive with a
-    member then has more than one Block, which debuginfod >= 0.192 needs
-    to seek in it.
+    bytes.  Members share Blocks in order; a Block is closed once it holds
+    block_size bytes or more, so no member starts further than block_size
+    into its Block: that bounds what debuginfod decompresses before the
+    member it serves, while the Blocks stay full (each Block's dictionary
+    starts empty, so every Block boundary costs size).  A member of
+    large_member bytes or more has Blocks of its own instead, of up to
+    large_block bytes: it is decompressed whole anyway, so only fewer,
+    larger Blocks matter for it.  Every Block but a large member's
+    continuation starts with a tar header, which lets `find` and `extract`
+    locate a member by bisecting over Block starts.  The end-of-archive
+    marker gets a Block of its own: any archive with a member then has more
+    than one Block, which debuginfod >= 0.192 needs to seek in it.
     """
     block = bytearray()
     offset = 0
@@ -1769,18 +1786,19 @@ def tar_blocks(
         header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         size = info.size if info.type == tarfile.REGTYPE else 0
         padded = round_up(size, tarfile.BLOCKSIZE)
-        large = size >= large_member or len(header) + padded > block_size
-        if block and (large or len(block) + len(header) + padded > block_size):
+        large = size >= large_member
+        if block and (large or len(block) >= block_size):
             yield block
             block = bytearray()
+        limit = large_block if large else block_size + large_member
         for piece in (header, *((data(),) if size else ()), bytes(padded - size)):
             for chunk in (piece,) if isinstance(piece, bytes) else piece:
                 view = memoryview(chunk)
                 while view:
-                    take = block_size - len(block)
+                    take = limit - len(block)
                     block += view[:take]
                     view = view[take:]
-                    if len(block) == block_size:
+                    if len(block) == limit:
                         yield block
                         block = bytearray()
         offset += len(header) + padded
@@ -2179,7 +2197,7 @@ def write_tarball(
         for m in scan.members
     )
     return write_blocks(
-        tar_blocks(entries, options.block_size, options.large_member),
+        options.blocks(entries),
         target,
         options,
         progress,
@@ -3483,21 +3501,21 @@ def seekability(layout: XzLayout) -> Check:
 
 
 def _container_check(layout: XzLayout, reader: XzReader) -> Check:
+    """The xz data's integrity: every Block's check verified.
+
+    Several Streams or Stream Padding are not damage: `seekable` fails for
+    them, and repack rewrites such a file.
+    """
     names = ", ".join(
         LIBLZMA_CHECKS.get(c, f"check 0x{c:02x}") for c in sorted(layout.checks)
     )
     shape = f"{plural(layout.streams, 'stream')}, {plural(len(layout.blocks), 'block')}, {names}"
+    if layout.stream_padding:
+        shape += f", {layout.stream_padding} bytes of stream padding"
     unverifiable = layout.checks - {CHECK_CRC32, CHECK_CRC64, CHECK_SHA256}
     if unverifiable:
         return Check(
             "xz", False, f"{shape}: {names} cannot be verified (xz --check=crc64 can)"
-        )
-    if layout.streams != 1 or layout.stream_padding:
-        return Check(
-            "xz",
-            False,
-            f"{shape}, {layout.stream_padding} bytes of stream padding: packdebug writes "
-            "exactly one stream without padding",
         )
     missing = len(layout.blocks) - len(reader.verified_blocks)
     if missing:
@@ -3863,6 +3881,11 @@ def _data_member(info: tarfile.TarInfo, by_name: Mapping) -> tarfile.TarInfo:
     return resolved
 
 
+def in_canonical_order(verification: Verification, pairs) -> bool:
+    order = [normalize_name(i.name) for i in verification.members]
+    return order == [new.name for new, _ in pairs]
+
+
 def repack_reasons(verification: Verification, pairs) -> list[str]:
     """What makes an archive differ from what packdebug would write."""
     reasons = [
@@ -3871,8 +3894,7 @@ def repack_reasons(verification: Verification, pairs) -> list[str]:
     if any(name_problems(i.name) for i in verification.members):
         reasons.append("member names are not clean")
     by_new = {new.name: new for new, _ in pairs}
-    order = [normalize_name(i.name) for i in verification.members]
-    if order != [new.name for new, _ in pairs]:
+    if not in_canonical_order(verification, pairs):
         reasons.append("members are not in packdebug's order")
     elif any(
         getattr(by_new[normalize_name(i.name)], f) != getattr(i, f)
@@ -3950,7 +3972,14 @@ def repack_archive(
     with contextlib.ExitStack() as stack:
         archive = stack.enter_context(Archive(path))
         blocks = archive.reader.layout.blocks
-        big = max((b.uncompressed_size for b in blocks), default=0) > spool_above
+        # Read in packdebug's order, an archive in another order steps back
+        # all the time; with large Blocks, each step back decompresses from
+        # its Block's start again.
+        reordered = not in_canonical_order(verification, pairs)
+        big = (
+            reordered
+            and max((b.uncompressed_size for b in blocks), default=0) > spool_above
+        )
         read = _spool(archive, stack) if big else archive.data
 
         def payloads() -> Iterator[bytearray]:
@@ -3963,7 +3992,7 @@ def repack_archive(
                 )
                 for new, data in pairs
             ]
-            return tar_blocks(entries, options.block_size, options.large_member)
+            return options.blocks(entries)
 
         if not result.reasons:
             same = _same_blocks(archive, payloads())

@@ -14,6 +14,7 @@ same for the harnesses.  PACKDEBUG_HARNESS_TESTS=0 skips the harness tests
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import io
@@ -33,6 +34,7 @@ import sys
 import tarfile
 import time
 import urllib.request
+import zlib
 
 import pytest
 
@@ -788,6 +790,10 @@ def test_reader_reads_any_range_of_a_multi_block_file(tmp_path):
     path = tmp_path / "t.xz"
     write_xz(path, payloads)
     reader = pd.XzReader(path)
+    assert reader.seek(10) == 10 == reader.tell() and reader.seek(5, io.SEEK_CUR) == 15
+    assert (
+        reader.seek(-4, io.SEEK_END) == len(whole) - 4 and reader.read() == whole[-4:]
+    )
     for _ in range(200):
         offset = rng.randrange(len(whole) + 10)
         size = rng.randrange(1, 100_000)
@@ -811,6 +817,67 @@ def test_reader_reads_what_xz_writes_with_several_streams_and_padding(tmp_path):
     assert reader.layout.streams == 2 and reader.layout.stream_padding == 12
     assert reader.layout.checks == {pd.CHECK_CRC64, pd.CHECK_CRC32}
     assert reader.read() == one + two
+
+
+def test_reader_steps_back_within_its_window_without_decompressing_again(tmp_path):
+    payload = random_bytes(600_000, 9)
+    path = tmp_path / "t.xz"
+    write_xz(path, [payload, b"tail"])
+    reader = pd.XzReader(path)
+    assert reader.read_at(500_000, 1000) == payload[500_000:501_000]
+    decoded = reader.decoded
+    assert reader.read_at(20_000, 1000) == payload[20_000:21_000]
+    assert reader.decoded == decoded, "the last MiB decoded is kept"
+    assert reader.read_at(0, 10) == payload[:10]
+
+
+def test_a_block_asking_for_a_huge_dictionary_is_refused(tmp_path):
+    block, record = pd.compress_block(b"x" * 1000)
+    block = bytearray(block)
+    assert block[:5] == bytes((2, 0, 0x21, 1, 0)), "LZMA2 with a 4 KiB dictionary"
+    block[4] = 40  # the dictionary size property: 4 GiB - 1 (xz-file-format 5.3.1)
+    block[8:12] = struct.pack("<I", zlib.crc32(bytes(block[:8])))
+    path = tmp_path / "huge.xz"
+    with open(path, "wb") as f:
+        writer = pd.XzStreamWriter(f)
+        writer.write_block(bytes(block), record)
+        writer.close()
+    with pytest.raises(pd.XzError, match="needs more than 512 MiB to decompress"):
+        pd.XzReader(path).read()
+
+
+def test_packdebug_layout_is_recognised_only_as_packdebug_writes_it(image, tmp_path):
+    def layout(path) -> bool:
+        with pd.Archive(path) as archive:
+            return archive.is_packdebug_layout()
+
+    tarball = pack(image)
+    assert layout(tarball)
+    data = pd.XzReader(tarball).read()
+    end = pd.XzReader(tarball).layout.blocks[-1].uncompressed_offset
+    one_block = tmp_path / "one.tar.xz"
+    write_xz(one_block, [data])
+    shortest_end = tmp_path / "end1024.tar.xz"
+    write_xz(shortest_end, [data[:end], bytes(1024)])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        last_header = tar.getmembers()[-1].offset
+    late_end = tmp_path / "late.tar.xz"
+    write_xz(late_end, [data[:last_header], data[last_header:]])
+    two_streams = tmp_path / "two.tar.xz"
+    two_streams.write_bytes(lzma.compress(b"x") + tarball.read_bytes())
+    assert layout(shortest_end), "1024 zero bytes are a whole end marker"
+    assert not layout(one_block)
+    assert not layout(late_end), "the last block must start with the end marker"
+    assert not layout(two_streams)
+
+
+def test_a_damaged_stream_header_is_refused_even_in_a_later_stream(tmp_path):
+    one, two = lzma.compress(b"first"), bytearray(lzma.compress(b"second"))
+    two[1] ^= 0xFF  # magic, not flags: the header's CRC32 still matches
+    path = tmp_path / "two.xz"
+    path.write_bytes(one + bytes(two))
+    with pytest.raises(pd.XzError, match="no xz Stream Header where one must start"):
+        pd.XzReader(path)
 
 
 @pytest.mark.parametrize(
@@ -841,7 +908,7 @@ def test_other_formats_are_named_even_behind_a_tar_xz_name(
     )
     verified = cli("verify", path, check=False)
     assert verified.returncode == 1
-    assert verified.stdout.startswith(f"{path}: FAILED\n  FAIL  {expected}")
+    assert verified.stdout.startswith(f"{path}: FAILED\n  FAIL  file: {expected}")
     no_traceback(listed)
     no_traceback(verified)
 
@@ -1135,9 +1202,7 @@ def test_same_tarball_bytes_as_before(tmp_path):
     ), "the tar stream changed"
     assert [b.uncompressed_size for b in reader.layout.blocks] == [
         80896,
-        1048576,
-        1048576,
-        207360,
+        2304512,
         10752,
     ]
     data = tarball.read_bytes()
@@ -1147,29 +1212,44 @@ def test_same_tarball_bytes_as_before(tmp_path):
         assert data[block.offset : block.end] == bytes(expected)
 
 
-def test_large_members_start_their_own_block(tmp_path):
+def test_blocks_fill_up_and_large_members_get_their_own(tmp_path):
     need("xz")
-    big = elf_with_section(tmp_path, 3 * MiB)
     image = tmp_path / "image"
-    make_tree(
-        image,
-        {
-            "usr/src/debug/a/p/small.c": b"int x;\n" * 50,
-            "usr/lib/debug/usr/lib/z-small": b"s" * 1000,
-        },
-    )
+    files = {
+        f"usr/src/debug/a/p/s{i:02d}.c": random_bytes(150_000, i) for i in range(20)
+    }
+    files["usr/lib/debug/usr/lib/z-small"] = b"s" * 1000
+    make_tree(image, files)
     (image / "usr/lib/debug/usr/bin").mkdir(parents=True)
-    shutil.copy(big, image / "usr/lib/debug/usr/bin/big.debug")
+    shutil.copy(
+        elf_with_section(tmp_path, 3 * MiB), image / "usr/lib/debug/usr/bin/big.debug"
+    )
     tarball = tmp_path / "out-debug.tar.xz"
-    cli("pack", "--image", image, "--output", tarball, "--block-size", "1MiB", "-0")
-    starts = {b["uncompressed_offset"] for b in xz_blocks(tarball)}
+    cli("pack", "--image", image, "--output", tarball, "--block-size", "1MiB", "-3")
+    blocks = xz_blocks(tarball)
+    starts = [b["uncompressed_offset"] for b in blocks]
     with tarfile.open(tarball) as tar:
-        members = {m.name: m for m in tar.getmembers()}
-    big_member = members["usr/lib/debug/usr/bin/big.debug"]
-    assert big_member.offset in starts, "the large member's header must open a Block"
-    after = pd.round_up(big_member.offset_data + big_member.size, 512)
-    assert after in starts, "the member after it must open a Block too"
-    assert max(b["uncompressed_size"] for b in xz_blocks(tarball)) <= MiB
+        members = tar.getmembers()
+    big = next(m for m in members if m.name.endswith("big.debug"))
+    assert big.offset in starts, "a large member's header opens a Block"
+    after = pd.round_up(big.offset_data + big.size, 512)
+    assert after in starts, "the member after it opens a Block too"
+    big_blocks = [b for b in blocks if big.offset <= b["uncompressed_offset"] < after]
+    assert len(big_blocks) == 1, (
+        "a large member's Blocks are 3 x the dictionary (-3: 12 MiB)"
+    )
+    for m in members:
+        if m is not big:
+            block = starts[bisect.bisect_right(starts, m.offset) - 1]
+            assert m.offset - block < MiB, (
+                "no member starts 1 MiB or more into its Block"
+            )
+    sources = [
+        b["uncompressed_size"] for b in blocks if b["uncompressed_offset"] < big.offset
+    ]
+    assert len(sources) == 3 and min(sources[:2]) >= MiB, (
+        "a shared Block closes only once full"
+    )
 
 
 def reversed_copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
@@ -1843,7 +1923,8 @@ def test_verify_reports_padding_streams_missing_build_ids_and_broken_links(
     padded = tmp_path / "padded.tar.xz"
     padded.write_bytes(tarball.read_bytes() + bytes(4))
     result = cli("verify", padded, check=False).stdout
-    assert "FAIL  seekable: stream padding" in result and "FAIL  xz:" in result
+    assert "FAIL  seekable: stream padding" in result
+    assert "ok    xz: 1 stream, 2 blocks, CRC64, 4 bytes of stream padding, every block" in result
     doubled = tmp_path / "two-streams.tar.xz"
     doubled.write_bytes(
         run("xz", "-c", input=b"x" * 1000).stdout + tarball.read_bytes()
@@ -1920,6 +2001,9 @@ def test_extract_explains_what_is_not_a_file(image, tmp_path):
         ),
         ("--build-id", hello_id[:8]): "a build-id has 40 hex digits (this has 8)",
         ("--build-id", "00" * 20): "no ELF with build-id " + "00" * 20,
+        ("--build-id", "ab" * 16): "no ELF with build-id "
+        + "ab" * 16
+        + "\n",  # md5-sized: whole
         ("--build-id", "xyz"): "--build-id 'xyz' is not a hexadecimal ELF build-id",
     }
     for args, message in cases.items():
@@ -1970,7 +2054,7 @@ def many_block_image(tmp_path: pathlib.Path, files: int = 40) -> pathlib.Path:
     make_tree(
         image,
         {
-            f"usr/lib/debug/usr/lib/f{i:03d}.debug": random_bytes(200 * 1024, i)
+            f"usr/lib/debug/usr/lib/f{i:03d}.debug": random_bytes(300 * 1024, i)
             for i in range(files)
         },
     )
@@ -2067,8 +2151,9 @@ def test_bad_input_gets_one_line_error_and_no_output(packed, tmp_path):
 
 @pytest.fixture
 def packed(image, tmp_path) -> pathlib.Path:
+    """A tarball of three Blocks: small members, a large one, the end marker."""
     big_image(image, tmp_path, count=1, size=2 * MiB)
-    return pack(image, "-0")
+    return pack(image, "-0", "--block-size", "1MiB")
 
 
 def bad_inputs(packed: pathlib.Path, tmp_path: pathlib.Path) -> dict:
@@ -2142,6 +2227,14 @@ def tarball_mutations(
     return out
 
 
+def swapped_truth(
+    data: bytes, name: str = "usr/lib/debug/usr/lib/big0.so.debug"
+) -> bytes:
+    """What tarfile reads for the member from a whole, valid xz file."""
+    with tarfile.open(fileobj=io.BytesIO(lzma.decompress(data))) as tar:
+        return tar.extractfile(tar.getmember(name)).read()
+
+
 def test_cuts_flips_and_block_swaps_never_crash(image, packed, tmp_path):
     """Fixed-seed fuzzing of a real tarball through verify, list and extract."""
     data = packed.read_bytes()
@@ -2169,10 +2262,13 @@ def test_cuts_flips_and_block_swaps_never_crash(image, packed, tmp_path):
                 kind,
                 args,
             )
-            if args[0] == "extract":
-                assert (
-                    out.read_bytes() == original if code == 0 else not out.exists()
-                ), kind
+            if args[0] == "extract" and code:
+                assert not out.exists(), kind
+            elif (
+                args[0] == "extract"
+            ):  # a swap makes another valid archive: its own bytes
+                expected = original if kind != "swap" else swapped_truth(mutated)
+                assert out.read_bytes() == expected, kind
             outcomes[(kind, args[0], code)] = outcomes.get((kind, args[0], code), 0) + 1
             out.unlink(missing_ok=True)
     assert {k[2] for k in outcomes if k[1] == "verify"} == {0, 1}, outcomes
@@ -2553,6 +2649,28 @@ def test_repack_skips_canonical_tarballs_unless_forced_and_dry_run_writes_nothin
     dry = cli("repack", "--dry-run", "--root", tmp_path).stdout
     assert f"{portage}: would repack:" in dry and "member names are not clean" in dry
     assert portage.read_bytes() == before and portage.stat().st_mtime_ns == stamp
+
+
+def test_repack_rewrites_a_tarball_that_differs_only_in_its_xz_container(
+    image, tmp_path
+):
+    canonical = pack(image)
+    payloads = [
+        pd.XzReader(canonical).read_at(b.uncompressed_offset, b.uncompressed_size)
+        for b in pd.XzReader(canonical).layout.blocks
+    ]
+    crc32 = tmp_path / "crc32-debug.tar.xz"
+    with open(crc32, "wb") as f:
+        writer = pd.XzStreamWriter(f, pd.CHECK_CRC32)
+        for payload in payloads:
+            writer.write_block(*pd.compress_block(payload, check=pd.CHECK_CRC32))
+        writer.close()
+    padded = tmp_path / "padded-debug.tar.xz"
+    padded.write_bytes(canonical.read_bytes() + bytes(4))
+    for path in (crc32, padded):
+        result = cli("repack", path)
+        assert "repacked 1 of 1" in result.stdout, path
+        assert path.read_bytes() == canonical.read_bytes(), path
 
 
 def test_repack_leaves_a_damaged_tarball_untouched(packed, tmp_path):
@@ -2959,7 +3077,9 @@ def test_prune_keeps_unrecognised_names_symlinks_and_temporary_files(tmp_path):
         "dev-libs/foo/.foo-3-1-debug.tar.xz.1a2b3c4d.tmp"
     )  # a pack writing now
     host.binpkg("dev-libs", "other", "other-1", "1")
-    out = host.prune("--keep-newest", "1").stdout
+    result = host.prune("--keep-newest", "1")
+    out = result.stdout
+    assert "--root should hold" not in result.stderr, "tarballs are where they belong"
     for name in (
         "dev-libs/linked",
         "dev-libs/foo/foo-2-1-debug.tar.xz",
@@ -3017,6 +3137,24 @@ def test_prune_refuses_a_pkgdir_without_portage_layout(tmp_path):
         "app-misc/hello/hello-1.0-1-debug.tar.xz",
         "app-misc/hello/hello-0.9-1-debug.tar.xz",
     }
+
+
+def test_prune_accepts_binpkgs_only_where_portage_writes_them(tmp_path):
+    host = Binhost(tmp_path)
+    host.tarball("app-misc/a/a-1-1-debug.tar.xz")
+    host.tarball("app-misc/b/b-1-1-debug.tar.xz")
+    host.binpkg("app-misc", "b", "b-1", "1")  # CAT/PN/PF-BUILD_ID.gpkg.tar only
+    assert (
+        "removed app-misc/a/a-1-1-debug.tar.xz"
+        in host.prune("--keep-newest", "0").stdout
+    )
+    deeper = Binhost(tmp_path / "deeper")
+    deeper.tarball("app-misc/a/a-1-1-debug.tar.xz")
+    make_gpkg(
+        deeper.pkgdir / "extra", "app-misc", "b", "b-1", "1", {}
+    )  # one level too deep
+    refused = deeper.prune("--keep-newest", "0", check=False)
+    assert refused.returncode == 2 and "where Portage puts them" in refused.stderr
 
 
 def test_prune_trusts_portage_packages_index(tmp_path):
@@ -3595,7 +3733,7 @@ def test_debuginfod_0192_seeks_in_a_large_tarball(image, tmp_path):
         target = image / f"usr/lib/debug/usr/lib/big{seed}.so.debug"
         shutil.copy(elf_with_section(tmp_path, 6 * MiB, seed=10 + seed), target)
         ids[readelf_build_id(target)] = target
-    tarball = pack(image, "-0")
+    tarball = pack(image, "-0", "--block-size", "1MiB")
     assert len(xz_blocks(tarball)) > 4
     log = assert_served_by_seeking(tarball.parents[2], tarball, ids)
     offsets = [
@@ -4152,6 +4290,12 @@ def test_usage_errors_exit_2_and_name_the_rule():
         ("prune", "--min-age", "-5"): "-5 days: must be 0 or more",
         ("prune", "--keep-newest", "-1"): "argument --keep-newest",
         ("settings", "--listen", "nowhere"): "is not ADDRESS:PORT",
+        (
+            "settings",
+            "--debuginfod",
+            "--listen",
+            "[::1]:65536",
+        ): "port 65536 is out of range",
         ("list", "a.tar.xz", "--nope"): "unrecognized arguments: --nope",
     }
     for args, message in cases.items():

@@ -199,7 +199,10 @@ class Mutator(ast.NodeTransformer):
 
     def visit_Return(self, node):
         self.generic_visit(node)
-        if node.value is not None and self._hit(f"line {node.lineno}: return None"):
+        returns_none = node.value is None or (
+            isinstance(node.value, ast.Constant) and node.value.value is None
+        )
+        if not returns_none and self._hit(f"line {node.lineno}: return None"):
             return ast.copy_location(ast.Return(ast.Constant(None)), node)
         return node
 
@@ -218,8 +221,9 @@ def mutants(
             name = names.get(first)
             if name not in covered:
                 continue
-            counter = Mutator()
-            counter.visit(copy.deepcopy(node))
+            counter = Mutator()  # counts as apply() mutates: the body only
+            for statement in copy.deepcopy(node.body):
+                counter.visit(statement)
             candidates += [(name, i) for i in range(counter.count)]
     rng.shuffle(candidates)
     chosen = sorted(candidates[:limit])
