@@ -2620,6 +2620,7 @@ def _report_pack(
 # ---------------------------------------------------------------------------
 
 PAX_LIMIT = 1 * MiB  # a pax or GNU long-name header larger than this is hostile
+EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, *tarfile.GNU_TYPES)
 LINK_DEPTH = 40  # symlink hops, as the kernel's ELOOP limit
 PATH_MAX = 4096  # <linux/limits.h>, with its terminating NUL
 BUILD_ID_LINK = re.compile(
@@ -2728,6 +2729,7 @@ class Archive:
         self.path = os.fsdecode(path)
         self.reader = XzReader(path, sequential=sequential)
         self.by_name = _Lookup(self)
+        self._headers: dict[int, tarfile.TarInfo | None] = {}  # offset -> header
 
     def close(self) -> None:
         self.reader.close()
@@ -2743,6 +2745,11 @@ class Archive:
 
     def header_at(self, offset: int) -> tarfile.TarInfo | None:
         """The member whose header starts at `offset`; None at end of archive."""
+        if offset not in self._headers:
+            self._headers[offset] = self._read_header(offset)
+        return self._headers[offset]
+
+    def _read_header(self, offset: int) -> tarfile.TarInfo | None:
         first = self.reader.read_at(offset, tarfile.BLOCKSIZE)
         if len(first) < tarfile.BLOCKSIZE:
             if not first:
@@ -2752,18 +2759,19 @@ class Archive:
             )
         if not any(first):
             return None
-        cursor = _TarCursor(self.reader, offset)
         try:
-            peek = tarfile.TarInfo.frombuf(first, cursor.encoding, cursor.errors)
-            if (
-                peek.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, *tarfile.GNU_TYPES)
-                and peek.size > PAX_LIMIT
-            ):
-                raise self._fail(
-                    f"extended header at byte {offset} claims {peek.size} bytes"
-                )
-            self.reader.seek(offset)
-            info = tarfile.TarInfo.fromtarfile(cursor)
+            info = tarfile.TarInfo.frombuf(first, "utf-8", "surrogateescape")
+            if info.type in EXTENDED_TYPES:
+                if info.size > PAX_LIMIT:
+                    raise self._fail(
+                        f"extended header at byte {offset} claims {info.size} bytes"
+                    )
+                self.reader.seek(offset)  # the extended header applies to the next one
+                info = tarfile.TarInfo.fromtarfile(_TarCursor(self.reader, offset))
+            else:  # what fromtarfile() would add to a plain header
+                info.offset, info.offset_data = offset, offset + tarfile.BLOCKSIZE
+                if info.isdir():
+                    info.name = info.name.rstrip("/")
         except (tarfile.HeaderError, ValueError) as e:
             raise self._fail(
                 f"bad tar header at byte {offset} ({e}): not a tar archive, or damaged"
@@ -5495,9 +5503,10 @@ def _add_compression(p: argparse.ArgumentParser) -> None:
         "--block-size",
         type=block_size_arg,
         metavar="SIZE",
-        help=f"largest uncompressed xz block, {format_size(BLOCK_SIZE_MIN)} to "
-        f"{format_size(BLOCK_SIZE_MAX)} (default: {BLOCK_SIZE // MiB}MiB; -7 to -9: "
-        "their dictionary size)",
+        help=f"close a shared xz block once it holds SIZE, {format_size(BLOCK_SIZE_MIN)} "
+        f"to {format_size(BLOCK_SIZE_MAX)} (default: {BLOCK_SIZE // MiB}MiB; -7 to -9: their "
+        "dictionary size); a file of SIZE or more gets blocks of its own, of 3 x the "
+        "dictionary",
     )
     p.set_defaults(preset=6)
 

@@ -583,7 +583,7 @@ def bench_locate(tarball: pathlib.Path, image: pathlib.Path, runs: int = 15) -> 
     member = next(
         pd.normalize_name(i.name)
         for i in pd.Archive(tarball).members()
-        if i.name.endswith(".ko.debug") and "/net/" in i.name
+        if i.name.endswith(".ko") and "/net/" in i.name
     )
     build_id = pd.read_build_id(image / member)
     out = tarball.parent / "one.debug"
@@ -614,7 +614,7 @@ def build_binhost(work: pathlib.Path, kernel: pathlib.Path) -> pathlib.Path:
     def build(staging: pathlib.Path) -> None:
         debug = kernel / "usr/lib/debug"
         modules = sorted(
-            p for p in debug.rglob("*.ko.debug") if p.is_file() and not p.is_symlink()
+            p for p in debug.rglob("*.ko") if p.is_file() and not p.is_symlink()
         )
         scratch = work / "binhost.image"
         for n, module in enumerate(modules):
