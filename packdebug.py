@@ -2623,8 +2623,10 @@ PAX_LIMIT = 1 * MiB  # a pax or GNU long-name header larger than this is hostile
 EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, *tarfile.GNU_TYPES)
 LINK_DEPTH = 40  # symlink hops, as the kernel's ELOOP limit
 PATH_MAX = 4096  # <linux/limits.h>, with its terminating NUL
+# estrip's links: .build-id/xx/yyyy.debug to the debug file, and
+# .build-id/xx/yyyy to the binary (which is in the binpkg, not the tarball).
 BUILD_ID_LINK = re.compile(
-    re.escape(BUILD_ID_DIR) + r"/([0-9a-f]{2})/([0-9a-f]+)\.debug"
+    re.escape(BUILD_ID_DIR) + r"/([0-9a-f]{2})/([0-9a-f]+)(\.debug)?"
 )
 
 
@@ -3608,7 +3610,7 @@ class _TarAudit:
         problems, links = [], 0
         for name, info in self.by_name.items():
             match = BUILD_ID_LINK.fullmatch(name)
-            if not match or not info.issym():
+            if not match or not match[3] or not info.issym():
                 continue
             links += 1
             target = resolve_link(info, self.by_name).member
@@ -4991,16 +4993,13 @@ def _member_to_extract(archive: Archive, args: argparse.Namespace) -> tarfile.Ta
     if resolution.member is not None:
         return resolution.member
     if resolution.missing is not None:
-        executable = BUILD_ID_LINK.pattern  # .build-id/xx/yyyy -> the executable
+        link = BUILD_ID_LINK.fullmatch(normalize_name(found.name))
+        to_binary = link and not link[3]
         hint = (
             "executables are in the binary package, not the debug tarball"
-            if re.fullmatch(
-                re.escape(BUILD_ID_DIR) + r"/[0-9a-f]{2}/[0-9a-f]+",
-                normalize_name(found.name),
-            )
+            if to_binary
             else "the link dangles"
         )
-        del executable
         raise ArchiveError(
             f"{shown(args.member)} is a link to {shown(resolution.missing)}, which is not "
             "in the tarball",
