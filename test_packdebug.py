@@ -1924,7 +1924,10 @@ def test_verify_reports_padding_streams_missing_build_ids_and_broken_links(
     padded.write_bytes(tarball.read_bytes() + bytes(4))
     result = cli("verify", padded, check=False).stdout
     assert "FAIL  seekable: stream padding" in result
-    assert "ok    xz: 1 stream, 2 blocks, CRC64, 4 bytes of stream padding, every block" in result
+    assert (
+        "ok    xz: 1 stream, 2 blocks, CRC64, 4 bytes of stream padding, every block"
+        in result
+    )
     doubled = tmp_path / "two-streams.tar.xz"
     doubled.write_bytes(
         run("xz", "-c", input=b"x" * 1000).stdout + tarball.read_bytes()
