@@ -1302,6 +1302,26 @@ class XzReader(io.RawIOBase):
             except PackdebugError as e:
                 raise e.at(self.name) from None
 
+    def chunks(self, size: int = READ_CHUNK) -> Iterator[tuple[int, bytes]]:
+        """(offset, data) through all the data, in order, each Block verified.
+
+        On decoders of its own: reads at other offsets in between do not
+        make it decompress anything twice.
+        """
+        try:
+            for block in self.layout.blocks:
+                decoder, offset = (
+                    BlockDecoder(self._fd, block),
+                    block.uncompressed_offset,
+                )
+                while data := decoder.read(size):
+                    self.decoded += len(data)
+                    yield offset, data
+                    offset += len(data)
+                self.verified_blocks.add(block.number)
+        except PackdebugError as e:
+            raise e.at(self.name) from None
+
     def verify_all(self) -> None:
         """Decompress every Block not yet verified to its end."""
         try:
@@ -2941,10 +2961,51 @@ class Archive:
         return None
 
     def find_build_id_by_notes(self, build_id: str) -> tarfile.TarInfo | None:
-        """Reading the ELF notes of every member: for archives without the links."""
-        return next(
-            (i for i in self.members() if self._has_build_id(i, build_id)), None
-        )
+        """For archives without the links: one pass over the data for the note.
+
+        A build-id note's name "GNU\\0" is followed at once by the id (for 4-
+        and 8-byte note alignment alike), so only a member holding those
+        bytes can be the ELF; its notes are then read to confirm it.
+        """
+        needle = b"GNU\x00" + bytes.fromhex(build_id)
+        info = None
+        for offset in self._offsets_of(needle):
+            if info is None or self.next_offset(info) <= offset:
+                start = self._header_before(offset, info.offset if info else 0)
+                info = next(
+                    (i for i in self.members(start) if self.next_offset(i) > offset),
+                    None,
+                )
+            if info is None:
+                return None
+            if info.offset_data <= offset and self._has_build_id(info, build_id):
+                return info
+        return None
+
+    def _header_before(self, offset: int, known: int) -> int:
+        """A header at or before `offset`, no earlier than the header at `known`.
+
+        In packdebug's layout, the nearest Block start before `offset` that
+        opens with a header; elsewhere only `known` is certain.
+        """
+        if not self.is_packdebug_layout():
+            return known
+        starts = self.reader.block_starts
+        index = bisect.bisect_right(starts, offset) - 1
+        while starts[index] > known and self._first_member(index) is None:
+            index -= 1
+        return max(starts[index], known)
+
+    def _offsets_of(self, needle: bytes) -> Iterator[int]:
+        """Every offset in the uncompressed tar where `needle` starts, in order."""
+        tail = b""
+        for offset, chunk in self.reader.chunks():
+            window, base = tail + chunk, offset - len(tail)
+            found = window.find(needle)
+            while found >= 0:
+                yield base + found
+                found = window.find(needle, found + 1)
+            tail = window[len(window) - len(needle) + 1 :]
 
     def _has_build_id(self, info: tarfile.TarInfo, build_id: str) -> bool:
         try:

@@ -2052,6 +2052,75 @@ def test_find_falls_back_to_elf_notes_without_build_id_links(image, tmp_path):
     ]
 
 
+def module_with_section(tmp_path: pathlib.Path, size: int, seed: int) -> pathlib.Path:
+    """A kernel module's debug file (ET_REL: section table at its end, no
+    program headers) with a .debug_junk section of `size` random bytes."""
+    need("gcc", "ld", "objcopy")
+    src = tmp_path / f"mod{seed}.c"
+    src.write_text(f"int f{seed}(void) {{ return {seed}; }}\n")
+    run("gcc", "-g", "-c", "-o", tmp_path / f"mod{seed}.o", src)
+    run(
+        "ld",
+        "-r",
+        "--build-id=sha1",
+        "-o",
+        tmp_path / f"mod{seed}.ko",
+        src.with_suffix(".o"),
+    )
+    junk = tmp_path / f"modjunk{seed}"
+    junk.write_bytes(random_bytes(size, seed))
+    out = tmp_path / f"mod{seed}.ko.debug"
+    run(
+        "objcopy",
+        "--only-keep-debug",
+        "--add-section",
+        f".debug_junk={junk}",
+        tmp_path / f"mod{seed}.ko",
+        out,
+    )
+    return out
+
+
+def test_build_id_without_links_is_found_in_one_pass(tmp_path):
+    # Modules of 1.5 MiB sharing 4 MiB Blocks, as Debian ships them (no
+    # .build-id links): reading each one's section table, then its notes,
+    # would decompress its Block again from the start.
+    image = tmp_path / "image"
+    modules = [module_with_section(tmp_path, 3 << 19, seed) for seed in range(6)]
+    for n, module in enumerate(modules):
+        make_tree(image, {f"usr/lib/debug/lib/modules/m{n}.ko": module.read_bytes()})
+    tarball = tmp_path / "modules-debug.tar.xz"
+    cli("pack", "--image", image, "--output", tarball, "--block-size", "4MiB", "-0")
+    last_id = readelf_build_id(modules[-1])
+    with pd.Archive(tarball) as archive:
+        assert archive.find_build_id(last_id).name == "usr/lib/debug/lib/modules/m5.ko"
+        # one pass, and the found member's Block at most twice to confirm it
+        assert archive.reader.decoded < archive.reader.size + 2 * 4 * MiB
+    out = tmp_path / "got.debug"
+    cli("extract", tarball, "--build-id", last_id, "-o", out)
+    run("cmp", out, modules[-1])
+
+
+def test_build_id_without_links_is_confirmed_past_decoys(image, tmp_path):
+    ids = big_image(image, tmp_path, count=2, size=4096)
+    for link in (image / "usr/lib/debug/.build-id").rglob("*"):
+        if link.is_symlink():
+            link.unlink()
+    (_, first_path), (last_id, _) = ids.items()
+    note = b"GNU\x00" + bytes.fromhex(last_id)
+    decoys = {  # the note's bytes, in files that are not that ELF, sorted before it
+        "usr/lib/debug/usr/lib/big0.txt": b"text " + note,
+        "usr/lib/debug/usr/lib/big0.so.debug": first_path.read_bytes() + note,
+    }
+    make_tree(image, decoys)
+    tarball = pack(image)
+    with pd.Archive(tarball) as archive:
+        assert (
+            archive.find_build_id(last_id).name == "usr/lib/debug/usr/lib/big1.so.debug"
+        )
+        assert archive.find_build_id("ab" * 20) is None
+
+
 def many_block_image(tmp_path: pathlib.Path, files: int = 40) -> pathlib.Path:
     image = tmp_path / "many"
     make_tree(
