@@ -2597,7 +2597,7 @@ def _pack_dry_run(
     scan: ImageScan, target: OutputTarget, request: PackRequest, log: Log
 ) -> None:
     log.info(
-        f"would pack {plural(len(scan.files), 'file')} ({format_size(scan.data_size)}) "
+        f"would pack {_files_and_links(scan)} ({format_size(scan.data_size)}) "
         f"into {shown(target.path)}"
     )
     for m in scan.members:
@@ -2606,6 +2606,13 @@ def _pack_dry_run(
         files, dirs = removal_plan(scan)
         for path in [m.path for m in files] + dirs:
             log.info(f"would remove {shown(scan.tree.full(path))}")
+
+
+def _files_and_links(scan: ImageScan) -> str:
+    """'5 files and 5 links': regular files, then symlinks and hardlinks."""
+    regular = sum(1 for m in scan.files if m.info.isreg())
+    links = len(scan.files) - regular
+    return plural(regular, "file") + (f" and {plural(links, 'link')}" if links else "")
 
 
 def _report_pack(
@@ -2628,7 +2635,7 @@ def _report_pack(
         else " (no BUILD_ID: FEATURES=binpkg-multi-instance is off, or no binpkg was built)"
     )
     log.info(
-        f"packdebug: packed {plural(len(scan.files), 'file')} "
+        f"packdebug: packed {_files_and_links(scan)} "
         f"({format_size(scan.data_size)}; {with_id} of {plural(len(elf), 'debug ELF', 'debug ELF')} "
         f"with a build-id) into {shown(where)}: {format_size(result.size)} in "
         f"{plural(result.blocks, 'xz block')}{note}"

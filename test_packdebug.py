@@ -1401,7 +1401,7 @@ def test_build_id_comes_from_portage_builddir_when_not_in_environment(image, tmp
 def test_pack_prints_one_line_saying_what_and_where(image):
     result = cli("pack", "--image", image, *PACK_NAMES, "--build-id", "1")
     assert re.fullmatch(
-        r"packdebug: packed \d+ files \(.*; 2 of 2 debug ELF with a build-id\) into "
+        r"packdebug: packed \d+ files and \d+ links \(.*; 2 of 2 debug ELF with a build-id\) into "
         r"/usr/lib/debug/\.tarball/app-misc/hello/hello-1\.0-1-debug\.tar\.xz: \S+ \S+ in 2 xz blocks\n",
         result.stdout,
     ), result.stdout
@@ -3456,7 +3456,10 @@ def test_bashrc_hook_assigns_no_readonly_variable_and_packs(image, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "readonly" not in result.stderr and result.stderr == ""
-    assert result.stdout.count("\n") == 1 and "packed 10 files" in result.stdout
+    assert (
+        result.stdout.count("\n") == 1
+        and "packed 5 files and 5 links (" in result.stdout
+    )
     assert (
         image / "usr/lib/debug/.tarball/app-misc/hello/hello-1.0-7-debug.tar.xz"
     ).is_file()
