@@ -2070,9 +2070,14 @@ def _make_directory(directory: str, created: list) -> int:
 
 @contextlib.contextmanager
 def atomic_output(
-    target: OutputTarget, mode: int = 0o644, check: Callable[[str], None] | None = None
+    target: OutputTarget,
+    mode: int = 0o644,
+    check: Callable[[str], None] | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> Iterator[io.BufferedWriter]:
     """A file that appears at the target complete and fsynced, or not at all.
+
+    It gets `mode`, and `owner` (uid, gid) where this process may give it.
 
     The data goes to a hidden ".NAME.XXXXXXXX.tmp" in the target's
     directory (never matching *-debug.tar.xz, so neither debuginfod nor
@@ -2090,6 +2095,9 @@ def atomic_output(
             with open(fd, "wb") as f:
                 yield f
                 f.flush()
+                if owner:
+                    with contextlib.suppress(PermissionError):  # not root: ours
+                        os.fchown(fd, *owner)
                 os.fchmod(fd, mode)
                 os.fsync(fd)
             if check:
@@ -2163,11 +2171,18 @@ def write_blocks(
     options: PackOptions,
     progress: Progress | None = None,
     check: Callable[[str], None] | None = None,
+    like: os.stat_result | None = None,
 ) -> PackResult:
-    """Compress Block payloads into one xz stream at the target, atomically."""
+    """Compress Block payloads into one xz stream at the target, atomically.
+
+    The file gets the mode and owner of `like` (the tarball it replaces).
+    """
     result = PackResult(target.path)
     jobs, _ = options.threads()
-    with atomic_output(target, check=check) as f:
+    kept = {}
+    if like:
+        kept = {"mode": stat.S_IMODE(like.st_mode), "owner": (like.st_uid, like.st_gid)}
+    with atomic_output(target, check=check, **kept) as f:
         writer = XzStreamWriter(f)
         blocks = compress_blocks(payloads, options.lzma_preset, jobs)
         with contextlib.closing(blocks):
@@ -4044,9 +4059,8 @@ def repack_archive(
     """
     verification = _repackable(path)
     pairs = canonical_headers(verification.members, source_date_epoch)
-    result = RepackResult(
-        path, repack_reasons(verification, pairs), os.path.getsize(path)
-    )
+    old = os.stat(path)
+    result = RepackResult(path, repack_reasons(verification, pairs), old.st_size)
     with contextlib.ExitStack() as stack:
         archive = stack.enter_context(Archive(path))
         blocks = archive.reader.layout.blocks
@@ -4084,7 +4098,7 @@ def repack_archive(
             check = functools.partial(_check_repacked, verification)
             target = OutputTarget.at(path)
             result.new_size = write_blocks(
-                payloads(), target, options, progress, check
+                payloads(), target, options, progress, check, like=old
             ).size
         result.decoded = archive.reader.decoded
     return result

@@ -2690,6 +2690,22 @@ def test_repack_turns_portage_tarball_into_exactly_what_pack_writes(image, tmp_p
     assert cli("verify", tarball).returncode == 0
 
 
+def test_repack_keeps_the_tarballs_mode_and_owner(image, tmp_path):
+    need_root()
+    tarball = portage_tarball(image, tmp_path / "hello-1.0-1-debug.tar.xz")
+    os.chown(tarball, 65534, 65533)
+    tarball.chmod(0o640)
+    before = tarball.stat()
+    cli("repack", tarball)
+    after = tarball.stat()
+    assert after.st_ino != before.st_ino, "replaced"
+    assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (
+        65534,
+        65533,
+        0o640,
+    )
+
+
 def test_repack_keeps_file_contents_byte_identical(image, tmp_path):
     need("tar")
     tarball = portage_tarball(image, tmp_path / "p-debug.tar.xz")
