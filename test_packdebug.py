@@ -3818,7 +3818,8 @@ def test_debuginfod_0196_listen_address_binds_only_loopback(image):
     assert sockets and all(s.startswith("127.0.0.1:") for s in sockets), sockets
 
 
-def test_debuginfod_0192_seeks_in_a_large_tarball(image, tmp_path):
+@pytest.mark.parametrize("chroot", ["trixie", "sid"])
+def test_debuginfod_0192_and_0196_seek_in_a_large_tarball(image, tmp_path, chroot):
     ids = {readelf_build_id(image / "usr/bin/hello"): debug_file(image)}
     for seed in range(3):
         target = image / f"usr/lib/debug/usr/lib/big{seed}.so.debug"
@@ -3826,7 +3827,7 @@ def test_debuginfod_0192_seeks_in_a_large_tarball(image, tmp_path):
         ids[readelf_build_id(target)] = target
     tarball = pack(image, "-0", "--block-size", "1MiB")
     assert len(xz_blocks(tarball)) > 4
-    log = assert_served_by_seeking(tarball.parents[2], tarball, ids)
+    log = assert_served_by_seeking(tarball.parents[2], tarball, ids, chroot)
     offsets = [
         int(m)
         for m in re.findall(
@@ -3838,12 +3839,15 @@ def test_debuginfod_0192_seeks_in_a_large_tarball(image, tmp_path):
     )
 
 
-def test_debuginfod_0192_seeks_in_a_repacked_portage_tarball(image, tmp_path):
+@pytest.mark.parametrize("chroot", ["trixie", "sid"])
+def test_debuginfod_0192_and_0196_seek_in_a_repacked_portage_tarball(
+    image, tmp_path, chroot
+):
     root = tmp_path / "root"
     (root / "app-misc/hello").mkdir(parents=True)
     tarball = portage_tarball(image, root / "app-misc/hello/hello-1.0-1-debug.tar.xz")
     cli("repack", tarball)
-    assert_served_by_seeking(root, tarball, hello_ids(image))
+    assert_served_by_seeking(root, tarball, hello_ids(image), chroot)
 
 
 def test_gdb_debugs_a_stripped_binary_through_debuginfod(image, tmp_path):
