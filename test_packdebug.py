@@ -1833,28 +1833,32 @@ def test_listing_and_messages_escape_hostile_names(tmp_path):
     assert "usr/lib/debug/a\\nbc" in result.stderr and "\udcff" not in result.stderr
 
 
-def test_list_classifies_an_unstripped_executable_as_debuginfod_does(tmp_path):
-    need("gcc")
-    (tmp_path / "x.c").write_text("int main(void) { return 0; }\n")
-    run(
-        "gcc",
-        "-O2",
-        "-Wl,--build-id",
-        "-s",
-        "-o",
-        tmp_path / "stripped",
-        tmp_path / "x.c",
-    )
+def test_list_classifies_elf_as_debuginfod_does(tmp_path):
+    """elf_classify: executable only for ET_EXEC/ET_DYN with loaded PROGBITS."""
+    need("gcc", "ld", "strip", "objcopy")
+    src = tmp_path / "x.c"
+    src.write_text("int main(void) { return 0; }\n")
     image = tmp_path / "image"
-    (image / "usr/lib/debug").mkdir(parents=True)
-    shutil.copy(tmp_path / "stripped", image / "usr/lib/debug/stripped")
+    debug = image / "usr/lib/debug"
+    debug.mkdir(parents=True)
+    run("gcc", "-O2", "-Wl,--build-id", "-s", "-o", debug / "stripped", src)
+    # a kernel module with its debug info stripped: ET_REL, loaded PROGBITS
+    run("gcc", "-c", "-o", tmp_path / "x.o", src)
+    run("ld", "-r", "--build-id", "-o", tmp_path / "x.ko", tmp_path / "x.o")
+    run("strip", "-g", "-o", debug / "module.ko", tmp_path / "x.ko")
+    # a debug file emptied of debug info and symbols: ET_DYN, NOBITS only
+    run("gcc", "-g", "-Wl,--build-id", "-o", tmp_path / "x", src)
+    run("objcopy", "--only-keep-debug", tmp_path / "x", tmp_path / "x.debug")
+    run("objcopy", "--strip-all", tmp_path / "x.debug", debug / "emptied.debug")
     tarball = tmp_path / "t-debug.tar.xz"
     cli("pack", "--image", image, "--output", tarball)
     rows = {
-        r["name"]: r
+        r["name"]: r["kind"]
         for r in json.loads(cli("list", "--json", tarball).stdout)["members"]
     }
-    assert rows["usr/lib/debug/stripped"]["kind"] == "executable"
+    assert rows["usr/lib/debug/stripped"] == "executable"
+    assert rows["usr/lib/debug/module.ko"] == "source"
+    assert rows["usr/lib/debug/emptied.debug"] == "source"
 
 
 def test_list_reads_headers_and_notes_not_whole_files(image, tmp_path):
