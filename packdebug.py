@@ -54,6 +54,7 @@ import errno
 import functools
 import io
 import lzma
+import math
 import os
 import queue
 import re
@@ -81,6 +82,9 @@ TARBALL_SUFFIX = "-debug.tar.xz"
 # with a BUILD_ID under CAT/PN/, without one under CAT/.
 BINPKG_SUFFIXES_MULTI = (".gpkg.tar", ".xpak")
 BINPKG_SUFFIXES_SINGLE = (".gpkg.tar", ".tbz2")
+# Portage's small files, read whole: a larger one is not what it claims.
+BUILD_ID_FILE_LIMIT = 4 * 1024
+PACKAGES_LIMIT = 1 << 30  # PKGDIR/Packages: about 1 KiB per binpkg
 
 # Portage variables read by `pack`, with the flag that overrides each.
 PORTAGE_INPUTS = {
@@ -710,6 +714,30 @@ def open_regular(path, what: str = "file") -> int:
     return fd
 
 
+def read_small_file(path: str, what: str, limit: int) -> bytes | None:
+    """The whole of a small regular file; None if there is none.
+
+    Anything but a regular file (a FIFO would block, /dev/zero never ends),
+    or one over `limit` bytes, is an InputError.
+    """
+    try:
+        fd = open_regular(path, what)
+    except InputError:
+        if not os.path.lexists(path):
+            return None
+        raise
+    with open(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InputError(f"is larger than a {what} can be ({format_size(limit)})", path)
+    return data
+
+
+def is_decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def file_kind(mode: int) -> str:
     """'a directory', 'a FIFO', ... for messages."""
     kinds = {
@@ -781,6 +809,11 @@ PRESET_ENCODER_MEMORY = tuple(
     n * MiB for n in (3, 9, 17, 32, 48, 94, 94, 186, 370, 674)
 )
 DECODER_MEMLIMIT = 512 * MiB  # refuses hostile dictionary sizes
+# Beyond these a file is hostile (a sparse file can claim anything): an Index
+# this large lists about a million Blocks, and real Stream Padding is a few
+# bytes, for alignment.
+INDEX_LIMIT = 16 * MiB
+PADDING_LIMIT = 64 * MiB
 # What other compressors' files start with, to name them in errors.
 OTHER_MAGIC = (
     (b"\x1f\x8b", "gzip"),
@@ -1011,10 +1044,8 @@ def read_xz_layout(fd: int, file_size: int) -> XzLayout:
     streams: list[list] = []
     checks, padding, end = set(), 0, file_size
     while end > 0:
-        tail = _pread_exact(fd, 4, end - 4) if end >= 4 else b"\xff"
-        if tail == b"\0\0\0\0":
-            padding, end = padding + 4, end - 4
-            continue
+        zeros = _padding_before(fd, end)
+        padding, end = padding + zeros, end - zeros
         blocks, start_at, check = _read_stream(fd, end)
         streams.append(blocks)
         checks.add(check)
@@ -1022,6 +1053,24 @@ def read_xz_layout(fd: int, file_size: int) -> XzLayout:
     return XzLayout(
         _number_blocks(reversed(streams)), len(streams), padding, frozenset(checks)
     )
+
+
+def _padding_before(fd: int, end: int) -> int:
+    """Bytes of Stream Padding (2.2: null bytes, in fours) that end at `end`."""
+    zeros = 0
+    while zeros < end:
+        size = min(READ_CHUNK, end - zeros)
+        chunk = _pread_exact(fd, size, end - zeros - size)
+        stripped = chunk.rstrip(b"\0")
+        zeros += size - len(stripped)
+        if zeros > PADDING_LIMIT:
+            raise XzError(
+                f"ends in more than {PADDING_LIMIT // MiB} MiB of null bytes: "
+                "damaged, or not an xz file"
+            )
+        if stripped:
+            break
+    return zeros - zeros % 4
 
 
 def _read_stream(fd: int, end: int) -> tuple[list, int, int]:
@@ -1033,6 +1082,11 @@ def _read_stream(fd: int, end: int) -> tuple[list, int, int]:
     index_at = end - STREAM_FOOTER_SIZE - index_size
     if index_at < STREAM_HEADER_SIZE:
         raise XzError("Backward Size points before the start of the file")
+    if index_size > INDEX_LIMIT:
+        raise XzError(
+            f"claims an Index of {format_size(index_size)}, more than the "
+            f"{format_size(INDEX_LIMIT)} of about a million Blocks: damaged or hostile"
+        )
     records = parse_index(_pread_exact(fd, index_size, index_at))
     start = (
         index_at - sum(round_up(r.unpadded_size) for r in records) - STREAM_HEADER_SIZE
@@ -1114,11 +1168,11 @@ class BlockDecoder:
             return data
         raise self._fail("ends before its data does")
 
-    def _fail(self, reason: str) -> XzError:
+    def _fail(
+        self, reason: str, hint: str = "the file is damaged, get a fresh copy"
+    ) -> XzError:
         where = f"Block {self.block.number} (at byte {self.block.offset})"
-        return XzError(
-            f"{where} {reason}", hint="the file is damaged, get a fresh copy"
-        )
+        return XzError(f"{where} {reason}", hint=hint)
 
     def read(self, size: int) -> bytes:
         """Up to `size` bytes of the Block's data; b"" once it is verified."""
@@ -1131,7 +1185,9 @@ class BlockDecoder:
         except lzma.LZMAError as e:
             if "Memory usage limit" in str(e):
                 raise self._fail(
-                    f"needs more than {DECODER_MEMLIMIT // MiB} MiB to decompress"
+                    f"needs more than {DECODER_MEMLIMIT // MiB} MiB to decompress",
+                    hint="its dictionary is larger than any preset's; packdebug "
+                    "refuses it (xz -d can still read it)",
                 ) from None
             raise self._fail(f"is corrupt ({e})") from None
         if self.position != self.block.uncompressed_size:
@@ -2102,6 +2158,7 @@ def atomic_output(
                 os.fsync(fd)
             if check:
                 check(os.path.join(target.directory, temp))
+            _check_replaceable(target, dir_fd)
             os.replace(temp, target.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             done = True
             os.fsync(dir_fd)
@@ -2117,6 +2174,21 @@ def atomic_output(
             target.undo(created)
 
 
+def _check_replaceable(target: OutputTarget, dir_fd: int) -> None:
+    """Only a regular file may be replaced: never /dev/null, a FIFO or a symlink."""
+    try:
+        mode = os.stat(target.name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise OutputError(
+            f"is {file_kind(mode)}: packdebug writes a regular file, and would "
+            "replace it",
+            target.path,
+            hint="name a regular file (extract -o - writes to standard output)",
+        )
+
+
 def _create_temporary(target: OutputTarget, created: list) -> tuple[int, str, int]:
     """(directory descriptor, name, descriptor) of a new empty file beside the target.
 
@@ -2125,6 +2197,11 @@ def _create_temporary(target: OutputTarget, created: list) -> tuple[int, str, in
     """
     for _attempt in range(5):
         dir_fd = target.open_directory(created)
+        try:
+            _check_replaceable(target, dir_fd)
+        except OutputError:
+            os.close(dir_fd)
+            raise
         for _ in range(100):
             temp = f".{target.name}.{os.urandom(4).hex()}.tmp"
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -2349,7 +2426,7 @@ def request_from_environment(
     request.build_id = (
         str(flags.get("build_id") or environ.get("BUILD_ID") or "") or None
     )
-    if request.build_id is not None and not request.build_id.isdigit():
+    if request.build_id is not None and not is_decimal(request.build_id):
         raise UsageError(
             f"BUILD_ID {request.build_id!r} is not a number, as Portage's are",
             hint="--build-id takes Portage's binary package number, not an ELF build-id",
@@ -2408,7 +2485,7 @@ def _source_date_epoch(environ: Mapping[str, str]) -> int | None:
     value = environ.get("SOURCE_DATE_EPOCH", "")
     if value == "":
         return None
-    if not value.isdigit():
+    if not is_decimal(value):
         raise UsageError(
             f"SOURCE_DATE_EPOCH={value!r} is not a whole number of seconds"
         )
@@ -2426,13 +2503,13 @@ def build_id_from_build_info(build_info: str | None) -> str | None:
         return None
     path = os.path.join(build_info, "BUILD_ID")
     try:
-        with open(path, encoding="utf-8") as f:
-            value = f.read().strip()
-    except FileNotFoundError:
+        data = read_small_file(path, "BUILD_ID file", BUILD_ID_FILE_LIMIT)
+    except InputError as e:
+        raise UsageError(e.reason, path) from None
+    if data is None:
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read: {getattr(e, 'strerror', e)}", path) from None
-    if value and not value.isdigit():
+    value = data.decode("ascii", "replace").strip()
+    if value and not is_decimal(value):
         raise UsageError(f"BUILD_ID {value!r} is not a number, as Portage's are", path)
     return value or None
 
@@ -2462,7 +2539,13 @@ def check_image(image: str) -> None:
 def target_of(request: PackRequest, tree: ImageTree) -> OutputTarget:
     """Where the tarball goes: --output, else the .tarball path in the image."""
     if request.output:
-        inside = os.path.relpath(request.output, os.fsdecode(tree.image))
+        # Compared as the file system sees them: an image or an output
+        # directory given through a symlink is no way around this check.
+        real = os.path.realpath(os.path.dirname(os.path.abspath(request.output)))
+        inside = os.path.relpath(
+            os.path.join(real, os.path.basename(request.output)),
+            os.path.realpath(os.fsdecode(tree.image)),
+        )
         for name in DEBUG_TREES:
             if (inside + "/").startswith(name + "/") and not inside.startswith(
                 TARBALL_DIR + "/"
@@ -2662,6 +2745,12 @@ def _report_pack(
 # ---------------------------------------------------------------------------
 
 PAX_LIMIT = 1 * MiB  # a pax or GNU long-name header larger than this is hostile
+EXTENDED_CHAIN_MAX = 8  # extended headers before one member (pax g/x, GNU L/K)
+MTIME_LIMIT = 1 << 40  # seconds either side of 1970: past this it is no time
+# No package installs this many files; memory grows with the members verify
+# and extract --all keep (a few hundred bytes each).
+MEMBERS_LIMIT = 500_000
+HEADER_CACHE = 65_536  # headers an Archive keeps, for lookups
 EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, *tarfile.GNU_TYPES)
 LINK_DEPTH = 40  # symlink hops, as the kernel's ELOOP limit
 PATH_MAX = 4096  # <linux/limits.h>, with its terminating NUL
@@ -2790,6 +2879,8 @@ class Archive:
     def header_at(self, offset: int) -> tarfile.TarInfo | None:
         """The member whose header starts at `offset`; None at end of archive."""
         if offset not in self._headers:
+            if len(self._headers) >= HEADER_CACHE:
+                del self._headers[next(iter(self._headers))]  # the oldest
             self._headers[offset] = self._read_header(offset)
         return self._headers[offset]
 
@@ -2806,10 +2897,7 @@ class Archive:
         try:
             info = tarfile.TarInfo.frombuf(first, "utf-8", "surrogateescape")
             if info.type in EXTENDED_TYPES:
-                if info.size > PAX_LIMIT:
-                    raise self._fail(
-                        f"extended header at byte {offset} claims {info.size} bytes"
-                    )
+                self._check_extended_chain(offset, info)
                 self.reader.seek(offset)  # the extended header applies to the next one
                 info = tarfile.TarInfo.fromtarfile(_TarCursor(self.reader, offset))
             else:  # what fromtarfile() would add to a plain header
@@ -2820,6 +2908,7 @@ class Archive:
             raise self._fail(
                 f"bad tar header at byte {offset} ({e}): not a tar archive, or damaged"
             ) from None
+        self._check_fields(info)
         if (
             info.type not in tarfile.SUPPORTED_TYPES
             or info.type == tarfile.GNUTYPE_SPARSE
@@ -2833,6 +2922,37 @@ class Archive:
             )
         return info
 
+    def _check_extended_chain(self, offset: int, info: tarfile.TarInfo) -> None:
+        """Extended headers before a member: a few, each small.
+
+        tarfile reads each one whole into memory, and recurses once per
+        header; a crafted archive could chain thousands, or claim gigabytes.
+        """
+        start = offset
+        for _ in range(EXTENDED_CHAIN_MAX):
+            if not 0 <= info.size <= PAX_LIMIT:
+                raise self._fail(
+                    f"extended header at byte {offset} claims {info.size} bytes"
+                )
+            offset += tarfile.BLOCKSIZE + round_up(info.size, tarfile.BLOCKSIZE)
+            block = self.reader.read_at(offset, tarfile.BLOCKSIZE)
+            if len(block) < tarfile.BLOCKSIZE:
+                return  # tarfile says it is cut off
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            if info.type not in EXTENDED_TYPES:
+                return
+        raise self._fail(
+            f"more than {EXTENDED_CHAIN_MAX} extended headers in a row at byte {start}"
+        )
+
+    def _check_fields(self, info: tarfile.TarInfo) -> None:
+        """Sizes and times that later arithmetic can trust."""
+        name = shown(info.name)
+        if info.size < 0:
+            raise self._fail(f"member '{name}' has a negative size ({info.size})")
+        if not (math.isfinite(info.mtime) and abs(info.mtime) < MTIME_LIMIT):
+            raise self._fail(f"member '{name}' has mtime {info.mtime}: not a time")
+
     @staticmethod
     def data_size(info: tarfile.TarInfo) -> int:
         return info.size if info.isreg() else 0
@@ -2845,12 +2965,16 @@ class Archive:
     def members(self, start: int = 0) -> Iterator[tarfile.TarInfo]:
         """Every member from the header at `start` on, reading only headers."""
         offset = start
-        while True:
+        for _ in range(MEMBERS_LIMIT):
             info = self.header_at(offset)
             if info is None:
                 return
             yield info
             offset = self.next_offset(info)
+        raise self._fail(
+            f"holds more than {MEMBERS_LIMIT:,} members, more than any package "
+            "installs: damaged or hostile"
+        )
 
     def member_bytes(self, info: tarfile.TarInfo, offset: int, size: int) -> bytes:
         """Bytes of a member's data, as read_elf's read_at wants them."""
@@ -3607,8 +3731,14 @@ def _container_check(layout: XzLayout, reader: XzReader) -> Check:
         shape += f", {layout.stream_padding} bytes of stream padding"
     unverifiable = layout.checks - {CHECK_CRC32, CHECK_CRC64, CHECK_SHA256}
     if unverifiable:
+        what = ", ".join(
+            "no check" if c == CHECK_NONE else f"check 0x{c:02x}"
+            for c in sorted(unverifiable)
+        )
         return Check(
-            "xz", False, f"{shape}: {names} cannot be verified (xz --check=crc64 can)"
+            "xz",
+            False,
+            f"{shape}: {what} to verify the data by (xz --check=crc64 writes one)",
         )
     missing = len(layout.blocks) - len(reader.verified_blocks)
     if missing:
@@ -4169,8 +4299,10 @@ def _same_blocks(archive: Archive, payloads: Iterable[bytes]) -> bool:
 # ---------------------------------------------------------------------------
 
 # PMS 3.2 version syntax, with the -rN revision and, in a tarball's name, -BUILD_ID.
-_VERSION = r"(\d+(?:\.\d+)*)([a-z]?)((?:_(?:alpha|beta|pre|rc|p)\d*)*)(?:-r(\d+))?"
-_TARBALL_TAIL = re.compile(rf"(?P<version>{_VERSION})(?:-(?P<build_id>\d+))?")
+_VERSION = (
+    r"([0-9]+(?:\.[0-9]+)*)([a-z]?)((?:_(?:alpha|beta|pre|rc|p)[0-9]*)*)(?:-r([0-9]+))?"
+)
+_TARBALL_TAIL = re.compile(rf"(?P<version>{_VERSION})(?:-(?P<build_id>[0-9]+))?")
 _SUFFIX_RANK = {"alpha": 0, "beta": 1, "pre": 2, "rc": 3, "p": 5}  # no suffix ranks 4
 DAY = 86400
 
@@ -4194,8 +4326,8 @@ def version_cmp(a: str, b: str) -> int:
     c = c or _cmp(len(na), len(nb)) or _cmp(ma[2], mb[2])
     if c:
         return c
-    sa = re.findall(r"_(alpha|beta|pre|rc|p)(\d*)", ma[3])
-    sb = re.findall(r"_(alpha|beta|pre|rc|p)(\d*)", mb[3])
+    sa = re.findall(r"_(alpha|beta|pre|rc|p)([0-9]*)", ma[3])
+    sb = re.findall(r"_(alpha|beta|pre|rc|p)([0-9]*)", mb[3])
     for (x, xn), (y, yn) in zip(sa, sb):
         c = _cmp(_SUFFIX_RANK[x], _SUFFIX_RANK[y]) or _cmp(int(xn or 0), int(yn or 0))
         if c:
@@ -4354,15 +4486,9 @@ def read_binpkg_index(pkgdir: str) -> BinpkgIndex:
     tarball look orphaned.
     """
     packages = os.path.join(pkgdir, "Packages")
-    try:
-        with open(packages, encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = None
-    except OSError as e:
-        raise InputError(f"cannot read: {e.strerror}", packages) from None
-    if text is not None:
-        listed = _parse_packages(text)
+    data = read_small_file(packages, "Packages index", PACKAGES_LIMIT)
+    if data is not None:
+        listed = _parse_packages(data.decode("utf-8", "surrogateescape"))
         if listed is not None:
             return BinpkgIndex(pkgdir, listed)
     if not _has_portage_binpkgs(pkgdir):
@@ -4399,7 +4525,7 @@ def _has_portage_binpkgs(pkgdir: str) -> bool:
                 : -len(next(s for s in BINPKG_SUFFIXES_MULTI if name.endswith(s)))
             ]
             pf, _, build_id = stem.rpartition("-")
-            if build_id.isdigit() and (split_pf(pf) or ("",))[0] == parts[1]:
+            if is_decimal(build_id) and (split_pf(pf) or ("",))[0] == parts[1]:
                 return True
         suffix = next(
             (s for s in (*BINPKG_SUFFIXES_SINGLE, ".xpak") if name.endswith(s)), ""
@@ -4418,13 +4544,12 @@ def installed_instances(vardb: str, log: Log) -> set[tuple[str, str, str | None]
         category, pf = entry.path.split("/")
         path = os.path.join(vardb, entry.path, "BUILD_ID")
         try:
-            with open(path, encoding="utf-8") as f:
-                build_id = f.read().strip() or None
-        except FileNotFoundError:
-            build_id = None
-        except (OSError, UnicodeDecodeError) as e:
+            data = read_small_file(path, "BUILD_ID file", BUILD_ID_FILE_LIMIT)
+            build_id = data.decode("utf-8").strip() or None if data else None
+        except (InputError, UnicodeDecodeError) as e:
+            why = e.reason if isinstance(e, InputError) else "not UTF-8"
             log.warning(
-                f"{shown(path)}: unreadable ({getattr(e, 'strerror', None) or 'not UTF-8'}); "
+                f"{shown(path)}: unreadable ({why}); "
                 f"{category}/{pf} counts as installed without a BUILD_ID"
             )
             build_id = None
@@ -4699,6 +4824,19 @@ class DebuginfodSetup:
         self.root, self.pkgdir, self.database = (
             os.path.abspath(p) for p in (self.root, self.pkgdir, self.database)
         )
+        for flag, path in (
+            ("--root", self.root),
+            ("--pkgdir", self.pkgdir),
+            ("--database", self.database),
+        ):
+            bad = UNIT_UNSAFE.search(path)
+            if bad:
+                raise UsageError(
+                    f"{flag} {shown(path)} holds {bad[0]!r}, which the systemd unit "
+                    "cannot carry as it is (a line break, a quote, or what systemd "
+                    "expands: $, %, and : in BindReadOnlyPaths=)",
+                    hint="give a path of letters, digits and /._+-@",
+                )
 
     @property
     def has_listen_address(self) -> bool:
@@ -4816,6 +4954,11 @@ WantedBy=multi-user.target
 """
 
 
+# What a path in the printed unit may not hold: control characters and
+# white space, quotes, backslashes, and what systemd expands or splits on.
+UNIT_UNSAFE = re.compile(r"[\x00-\x20\x7f\"'\\$%:;]")
+
+
 def _systemd_quote(arg: str) -> str:
     """One ExecStart= word (systemd.service(5) "Command lines"); ${VAR} is left to systemd."""
     escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
@@ -4834,7 +4977,7 @@ def sh_quote(arg: str) -> str:
 def debuginfod_version(given: str | None) -> tuple[tuple[int, int] | None, str]:
     """The elfutils version to write for: as given, else `debuginfod --version`."""
     if given:
-        match = re.fullmatch(r"(\d+)\.(\d+)", given)
+        match = re.fullmatch(r"([0-9]+)\.([0-9]+)", given)
         if not match:
             raise UsageError(f"--debuginfod-version {given!r} is not like 0.192")
         version = int(match[1]), int(match[2])
@@ -4851,7 +4994,7 @@ def debuginfod_version(given: str | None) -> tuple[tuple[int, int] | None, str]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         out = ""
-    match = re.search(r"(\d+)\.(\d+)", out.splitlines()[0] if out else "")
+    match = re.search(r"([0-9]+)\.([0-9]+)", out.splitlines()[0] if out else "")
     if not match:
         return (
             None,
@@ -4863,14 +5006,29 @@ def debuginfod_version(given: str | None) -> tuple[tuple[int, int] | None, str]:
 
 def parse_listen(text: str) -> tuple[str, int]:
     """'127.0.0.1:8002', '[::1]:8002' -> (address, port) (argparse type)."""
-    match = re.fullmatch(r"\[?([^\]]*?)\]?:(\d+)", text)
+    match = re.fullmatch(r"\[?([^\]]*?)\]?:([0-9]+)", text)
     if not match or not match[1]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not ADDRESS:PORT, e.g. {DEBUGINFOD_LISTEN}"
         )
     if not 0 < int(match[2]) < 65536:
         raise argparse.ArgumentTypeError(f"port {match[2]} is out of range (1-65535)")
+    if not _is_ip_address(match[1]):
+        raise argparse.ArgumentTypeError(
+            f"{match[1]!r} is not an IP address (debuginfod listens on an address, "
+            "e.g. 0.0.0.0 for all)"
+        )
     return match[1], int(match[2])
+
+
+def _is_ip_address(text: str) -> bool:
+    import ipaddress  # imported here: only --listen needs it
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def format_debuginfod(setup: DebuginfodSetup, fmt: str) -> str:
@@ -5029,7 +5187,11 @@ def cmd_extract(args: argparse.Namespace, log: Log) -> int:
             )
             return 0
         info = _member_to_extract(archive, args)
-        output = args.output or os.path.basename(normalize_name(info.name))
+        # Without -o, the member's own name in the current directory: a
+        # member called "-" is a file there too, not standard output.
+        output = args.output or os.path.join(
+            os.curdir, os.path.basename(normalize_name(info.name))
+        )
         if output == "-":
             _extract_to_stdout(archive, info, log)
         else:
@@ -5341,7 +5503,9 @@ def cmd_settings(args: argparse.Namespace, log: Log) -> int:
 
 def parse_size(text: str) -> int:
     """'8MiB', '8M', '512k' or '1048576' -> bytes (argparse type)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(
+        r"\s*([0-9]+)\s*([kmg]?)(?:i?b)?\s*", text, re.IGNORECASE | re.ASCII
+    )
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 8MiB")
     return int(match.group(1)) << (10 * " kmg".index(match.group(2).lower() or " "))
@@ -5363,13 +5527,13 @@ def block_size_arg(text: str) -> int:
 
 
 def count_arg(text: str) -> int:
-    if not text.isdigit():
+    if not is_decimal(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 or more)")
     return int(text)
 
 
 def jobs_arg(text: str) -> int:
-    if not text.isdigit():
+    if not is_decimal(text):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a number: 0 (all CPUs) or more"
         )
@@ -5396,7 +5560,7 @@ def _negative_jobs(argv: Sequence[str]) -> str | None:
             value = arg[len("--jobs=") :]
         elif arg.startswith("-j") and arg[2:3] == "-":
             value = arg[2:]
-        if value is not None and re.fullmatch(r"-\d+", value):
+        if value is not None and re.fullmatch(r"-[0-9]+", value):
             return value
     return None
 
@@ -5931,12 +6095,51 @@ def _quiet_stdout() -> None:
         os.close(devnull)
 
 
+class _ClosedStdout(io.TextIOBase):
+    """sys.stdout once fd 1 was found closed: every write fails, as on a full disk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffer = self  # extract -o - writes bytes to sys.stdout.buffer
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        raise OSError(errno.EBADF, "it was closed")
+
+    def fileno(self) -> int:
+        return 1
+
+
+def _fill_closed_std_streams() -> None:
+    """Give a closed stdin, stdout or stderr (`>&-`) /dev/null.
+
+    Otherwise the next file packdebug opens would take its number, and a
+    report meant for stdout could land in a tarball.  What is written to a
+    closed stdout then fails as it does on a full disk.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            if fd == 1:
+                sys.stdout = _ClosedStdout()
+            elif fd == 2:
+                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+
+
 def _stopped(e: BaseException, what: str) -> str:
     state = getattr(e, "packdebug_state", "") or "nothing was written"
     return f"packdebug: {what}; {state}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _fill_closed_std_streams()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     negative = _negative_jobs(argv)
