@@ -1597,6 +1597,30 @@ def test_debug_elf_without_build_id_warns_and_strict_refuses(image, tmp_path):
     assert "2 of 4 debug ELF with a build-id" in lenient.stdout
 
 
+def test_repack_takes_a_tarball_whose_own_failures_it_keeps(image, tmp_path):
+    """A check that failed before may fail after: repack fixes the layout, not the ELF."""
+    add_debug_file_without_build_id(image, tmp_path)
+    tarball = portage_tarball(image, tmp_path / "hello-1.0-1-debug.tar.xz")
+    before = cli("verify", tarball, check=False).stdout
+    assert "FAIL  build-ids" in before and "FAIL  seekable" in before
+    result = cli("repack", tarball)
+    assert "repacked 1 of 1 tarball" in result.stdout
+    after = cli("verify", tarball, check=False).stdout
+    assert "FAIL  build-ids" in after and "ok    seekable" in after
+
+
+def test_extract_gives_the_file_its_members_permissions(tmp_path):
+    tarball = hostile_tarball(
+        tmp_path / "modes-debug.tar.xz",
+        ({"name": "usr/src/debug/run.sh", "mode": 0o755}, b"#!/bin/sh\n"),
+        ({"name": "usr/src/debug/private.c", "mode": 0o640}, b"int x;\n"),
+    )
+    for name, mode in (("run.sh", 0o755), ("private.c", 0o640)):
+        out = tmp_path / name
+        cli("extract", tarball, "--member", f"usr/src/debug/{name}", "-o", out)
+        assert stat.S_IMODE(out.stat().st_mode) == mode, name
+
+
 def test_pack_does_not_modify_the_image_outside_its_tarball(image):
     before = snapshot(image)
     pack(image)
