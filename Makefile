@@ -69,11 +69,25 @@ fuzz: deps $(VENV)/.ready
 mutants: deps $(VENV)/.ready
 	$(VENV)/bin/python tests/mutants.py $(MUTANTS_ARGS)
 
+# packdebug.py goes to LIBDIR with its bytecode compiled, and bin/packdebug is
+# a launcher that imports it: Python compiles a script at every start (about
+# 80 ms for this one), a module only once.
+LIBDIR ?= $(PREFIX)/lib/packdebug
+
 install:
-	install -D -m 0755 packdebug.py $(DESTDIR)$(PREFIX)/bin/packdebug
+	install -D -m 0644 packdebug.py $(DESTDIR)$(LIBDIR)/packdebug.py
+	$(PYTHON) -m compileall -q -d $(LIBDIR) $(DESTDIR)$(LIBDIR)/packdebug.py
+	@python=$$(command -v $(PYTHON)); mkdir -p $(DESTDIR)$(PREFIX)/bin; \
+	printf '%s\n' "#!$$python" \
+		'import _signal; _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # quiet Ctrl-C' \
+		'import sys' "sys.path.insert(0, '$(LIBDIR)')" \
+		'import packdebug' 'sys.exit(packdebug.main())' > $(DESTDIR)$(PREFIX)/bin/packdebug; \
+	chmod 0755 $(DESTDIR)$(PREFIX)/bin/packdebug; \
+	echo "installed $(DESTDIR)$(PREFIX)/bin/packdebug, running $$python on $(LIBDIR)/packdebug.py"
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/packdebug
+	rm -rf $(DESTDIR)$(LIBDIR)
 
 lint: $(VENV)/.ready
 	$(VENV)/bin/pip install -q ruff vermin

@@ -4378,6 +4378,28 @@ eval "$EXAMPLE"
 """
 
 
+def test_make_install_runs_compiled_bytecode_and_uninstall_removes_it(image, tmp_path):
+    """The launcher imports packdebug.py from LIBDIR, where its bytecode is compiled."""
+    prefix = tmp_path / "prefix"
+    make = ["make", "-s", "-C", HERE, f"PREFIX={prefix}", f"PYTHON={sys.executable}"]
+    run(*make, "install")
+    launcher, library = prefix / "bin/packdebug", prefix / "lib/packdebug"
+    (bytecode,) = (library / "__pycache__").glob("packdebug.*.pyc")
+    compiled = bytecode.stat().st_mtime_ns
+    assert (library / "packdebug.py").read_bytes() == SCRIPT.read_bytes()
+    tarball = pack(image)
+    listed = run(launcher, "list", tarball, env=clean_env(None), text=True).stdout
+    assert listed == cli("list", tarball).stdout and "hello" in listed
+    assert bytecode.stat().st_mtime_ns == compiled, (
+        "run from its bytecode, not recompiled"
+    )
+    hook = run(launcher, "settings", "--bashrc", text=True).stdout
+    assert f"exec {launcher} pack" in hook, "the hook runs the launcher, not the module"
+    assert f"exec {SCRIPT} pack" in cli("settings", "--bashrc").stdout
+    run(*make, "uninstall")
+    assert not launcher.exists() and not library.exists()
+
+
 def test_every_help_example_runs_as_written_on_the_demo_image(image, tmp_path):
     """In a private mount namespace where /usr/lib/debug, /var and /tmp are the demo's."""
     need_root()
