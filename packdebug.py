@@ -3988,21 +3988,24 @@ def iter_tarballs(root: str) -> Iterator[str]:
             yield os.path.join(root, entry.path)
 
 
-WORKER_TASKS = 64  # tarballs per worker process before a fresh one takes over
+REPACK_TASKS = 64  # tarballs a repack worker does before a fresh one takes over
 
 
 def each_tarball(
-    work: Callable[[str], object], paths: Sequence[str], jobs: int
+    work: Callable[[str], object],
+    paths: Sequence[str],
+    jobs: int,
+    tasks_per_worker: int | None = None,
 ) -> Iterator:
     """work(path) for each path, in their order, on up to `jobs` worker processes.
 
     A binhost holds thousands of small tarballs, each a single xz Block that
     one core decompresses: the parallelism is across tarballs, in processes
     (reading tar headers and ELF notes holds the GIL).  At most `jobs`
-    tarballs are open at once; results come back in order.  A worker is
-    replaced after WORKER_TASKS tarballs: whatever its C heap kept from
-    thousands of lzma coders goes with it, so memory stays flat however many
-    tarballs there are.
+    tarballs are open at once; results come back in order.  With
+    tasks_per_worker, a worker is replaced after that many tarballs, and
+    whatever its C heap kept goes with it (the pool replaces a worker up to
+    0.1 s late: worth it only for slow work such as repack).
     """
     jobs = min(jobs or available_cpus(), len(paths))
     if jobs <= 1:
@@ -4011,10 +4014,10 @@ def each_tarball(
     import multiprocessing  # imported here: a single tarball needs no workers
 
     pool = multiprocessing.get_context("fork").Pool(
-        jobs, initializer=_worker_start, maxtasksperchild=WORKER_TASKS
+        jobs, initializer=_worker_start, maxtasksperchild=tasks_per_worker
     )
     try:
-        yield from pool.imap(functools.partial(_in_worker, work), paths)
+        yield from pool.imap(functools.partial(_in_worker, work), paths, chunksize=4)
         pool.close()
     except BaseException:
         pool.terminate()
@@ -5395,7 +5398,7 @@ def cmd_repack(args: argparse.Namespace, log: Log) -> int:
     )
     status, saved, done = 0, 0, 0
     try:
-        for path, result, problem in each_tarball(work, paths, workers):
+        for path, result, problem in each_tarball(work, paths, workers, REPACK_TASKS):
             if problem:
                 log.warning(problem)
                 status = 1

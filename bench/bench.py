@@ -281,8 +281,8 @@ def xz56_argv(image: pathlib.Path, out: pathlib.Path, threads: int) -> list[str]
 def bench_pack(image: pathlib.Path, out: pathlib.Path, runs: int, cpus: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     contenders = {
-        "packdebug -j1": pack_argv(image, out / "pd-j1.tar.xz", 1),
-        f"packdebug -j{cpus}": pack_argv(image, out / f"pd-j{cpus}.tar.xz", cpus),
+        "packdebug -j1": pack_argv(image, out / "pd-j1-debug.tar.xz", 1),
+        f"packdebug -j{cpus}": pack_argv(image, out / f"pd-j{cpus}-debug.tar.xz", cpus),
         "portage tar -cJf": portage_argv(image, out / "portage.tar.xz"),
         "xz -T1 --block-size=24MiB": xz56_argv(image, out / "xz-T1.tar.xz", 1),
         f"xz -T{cpus} --block-size=24MiB": xz56_argv(
@@ -320,7 +320,7 @@ def bench_blocks(image: pathlib.Path, out: pathlib.Path, cpus: int) -> list[dict
         }
     )
     for size in ("1MiB", "2MiB", "4MiB", "8MiB", "16MiB", "24MiB"):
-        path = out / f"blocks-{size}.tar.xz"
+        path = out / f"blocks-{size}-debug.tar.xz"
         print(f"bench: blocks {size} ...", file=sys.stderr, flush=True)
         measure(pack_argv(image, path, cpus, "--block-size", size))
         reader = pd.XzReader(path)
@@ -342,7 +342,7 @@ def bench_small(
 ) -> dict:
     """The fixed cost per package: run as a script, and as `make install` installs it."""
     out.mkdir(parents=True, exist_ok=True)
-    script = pack_argv(image, out / "small-pd.tar.xz", 1)
+    script = pack_argv(image, out / "small-pd-debug.tar.xz", 1)
     return {
         "packdebug (python3 packdebug.py)": repeat(script, runs),
         "packdebug (installed)": repeat([str(launcher), *script[2:]], runs),
@@ -368,9 +368,9 @@ def bench_big(
     big: pathlib.Path, plain50: pathlib.Path, out: pathlib.Path, runs: int, cpus: int
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    pd_tar, portage_tar = out / "big-pd.tar.xz", out / "big-portage.tar.xz"
+    pd_tar, portage_tar = out / "big-pd-debug.tar.xz", out / "big-portage.tar.xz"
     print("bench: big: packdebug ...", file=sys.stderr, flush=True)
-    small_pack = repeat(pack_argv(plain50, out / "plain50-pd.tar.xz", cpus), 1)
+    small_pack = repeat(pack_argv(plain50, out / "plain50-pd-debug.tar.xz", cpus), 1)
     pack = repeat(pack_argv(big, pd_tar, cpus), 1)
     if not portage_tar.exists():
         print(
