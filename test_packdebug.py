@@ -4378,6 +4378,20 @@ eval "$EXAMPLE"
 """
 
 
+def test_extract_all_and_directory_go_together(image, tmp_path):
+    tarball = pack(image)
+    member = "usr/lib/debug/usr/bin/hello.debug"
+    for args in (
+        ("--all",),
+        ("--member", member, "-C", tmp_path / "d"),
+        ("--all", "-C", tmp_path / "d", "-o", tmp_path / "f"),
+    ):
+        result = cli("extract", tarball, *args, check=False)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "--all goes with -C DIR" in result.stderr, args
+    assert not (tmp_path / "d").exists() and not (tmp_path / "f").exists()
+
+
 def test_make_install_runs_compiled_bytecode_and_uninstall_removes_it(image, tmp_path):
     """The launcher imports packdebug.py from LIBDIR, where its bytecode is compiled."""
     prefix = tmp_path / "prefix"
