@@ -4392,6 +4392,21 @@ def test_extract_all_and_directory_go_together(image, tmp_path):
     assert not (tmp_path / "d").exists() and not (tmp_path / "f").exists()
 
 
+def test_extract_output_drops_setuid_and_gives_modeless_members_0644(tmp_path):
+    tarball = hostile_tarball(
+        tmp_path / "modes-debug.tar.xz",
+        ({"name": "usr/lib/debug/suid.debug", "mode": 0o6755}, b"s"),
+        ({"name": "usr/lib/debug/none.debug", "mode": 0}, b"n"),
+    )
+    for name, wanted in (("suid", 0o755), ("none", 0o644)):
+        out = tmp_path / f"{name}.out"
+        cli("extract", tarball, "--member", f"usr/lib/debug/{name}.debug", "-o", out)
+        assert stat.S_IMODE(out.stat().st_mode) == wanted, (
+            name,
+            oct(out.stat().st_mode),
+        )
+
+
 def test_make_install_runs_compiled_bytecode_and_uninstall_removes_it(image, tmp_path):
     """The launcher imports packdebug.py from LIBDIR, where its bytecode is compiled."""
     prefix = tmp_path / "prefix"
