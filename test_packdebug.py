@@ -271,16 +271,18 @@ def elf_with_section(tmp_path: pathlib.Path, size: int, seed: int = 0) -> pathli
     src.write_text(f"int main(void) {{ return {seed}; }}\n")
     binary = tmp_path / f"big{seed}"
     run("gcc", "-g", "-Wl,--build-id", "-o", binary, src)
-    junk = tmp_path / f"junk{seed}"
+    return debug_with_junk(binary, tmp_path / f"big{seed}.debug", size, seed)
+
+
+def debug_with_junk(
+    elf: pathlib.Path, out: pathlib.Path, size: int, seed: int
+) -> pathlib.Path:
+    """elf's debug file (objcopy --only-keep-debug) with a .debug_junk section of
+    `size` random bytes."""
+    junk = out.with_name(out.name + ".junk")
     junk.write_bytes(random_bytes(size, seed))
-    out = tmp_path / f"big{seed}.debug"
     run(
-        "objcopy",
-        "--only-keep-debug",
-        "--add-section",
-        f".debug_junk={junk}",
-        binary,
-        out,
+        "objcopy", "--only-keep-debug", "--add-section", f".debug_junk={junk}", elf, out
     )
     return out
 
@@ -2107,27 +2109,10 @@ def module_with_section(tmp_path: pathlib.Path, size: int, seed: int) -> pathlib
     need("gcc", "ld", "objcopy")
     src = tmp_path / f"mod{seed}.c"
     src.write_text(f"int f{seed}(void) {{ return {seed}; }}\n")
-    run("gcc", "-g", "-c", "-o", tmp_path / f"mod{seed}.o", src)
-    run(
-        "ld",
-        "-r",
-        "--build-id=sha1",
-        "-o",
-        tmp_path / f"mod{seed}.ko",
-        src.with_suffix(".o"),
-    )
-    junk = tmp_path / f"modjunk{seed}"
-    junk.write_bytes(random_bytes(size, seed))
-    out = tmp_path / f"mod{seed}.ko.debug"
-    run(
-        "objcopy",
-        "--only-keep-debug",
-        "--add-section",
-        f".debug_junk={junk}",
-        tmp_path / f"mod{seed}.ko",
-        out,
-    )
-    return out
+    module = tmp_path / f"mod{seed}.ko"
+    run("gcc", "-g", "-c", "-o", src.with_suffix(".o"), src)
+    run("ld", "-r", "--build-id=sha1", "-o", module, src.with_suffix(".o"))
+    return debug_with_junk(module, tmp_path / f"mod{seed}.ko.debug", size, seed)
 
 
 def test_build_id_without_links_is_found_in_one_pass(tmp_path):
