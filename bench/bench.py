@@ -857,6 +857,7 @@ def report_kernel(kernel: dict) -> list[str]:
     ]
     for name, r in locate.items():
         if isinstance(r, dict):
+            name = name.replace("|", "\\|")  # a pipe in a command splits the cell
             lines.append(
                 f"| {name} | {r['wall'] * 1000:.0f} ms | {(r['wall'] - base) * 1000:+.0f} ms |"
             )
