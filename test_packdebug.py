@@ -4073,9 +4073,18 @@ class PortageRun:
         self.w = pathlib.Path(str(PORTAGE_CHROOT) + self.wd)
         shutil.rmtree(self.w, ignore_errors=True)
         (self.w / "input").mkdir(parents=True)
-        (self.w / "bin").mkdir()
-        shutil.copy(SCRIPT, self.w / "bin/packdebug")
-        (self.w / "bin/packdebug").chmod(0o755)
+        # Installed the README's way: the hook then runs the launcher.
+        run(
+            "make",
+            "-s",
+            "-C",
+            HERE,
+            "install",
+            f"DESTDIR={PORTAGE_CHROOT}",
+            f"PREFIX={self.wd}",
+            "PYTHON=/usr/bin/python3",
+            stdout=subprocess.DEVNULL,
+        )
         printed = lambda *a: (
             run(
                 "chroot",
@@ -4200,6 +4209,8 @@ def portage():
 
 def test_real_portage_hook_packs_with_no_error_in_any_build_log(portage):
     hook = portage["hook"]
+    bashrc = (hook.w / "input/bashrc").read_text()
+    assert f"exec {hook.wd}/bin/packdebug pack" in bashrc, "the installed launcher"
     assert [hook.rc(i) for i in range(1, 8)] == [0] * 7, hook.output
     logs = hook.build_logs()
     assert len(logs) == 3  # 1.0, 1.1, and 1.1 again
