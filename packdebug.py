@@ -1259,6 +1259,7 @@ class XzReader(io.RawIOBase):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._decoder = None  # its dictionary goes now, not with the reader
         super().close()
 
     def readable(self) -> bool:
@@ -2861,11 +2862,17 @@ class Archive:
     def __init__(self, path, *, sequential: bool = False) -> None:
         self.path = os.fsdecode(path)
         self.reader = XzReader(path, sequential=sequential)
-        self.by_name = _Lookup(self)
         self._headers: dict[int, tarfile.TarInfo | None] = {}  # offset -> header
 
     def close(self) -> None:
         self.reader.close()
+
+    @property
+    def by_name(self) -> _Lookup:
+        """Members by name.  Made on each use: kept, it would make a reference
+        cycle, and every Archive, with its decoder's dictionary, would then
+        live until the garbage collector's next full pass."""
+        return _Lookup(self)
 
     def __enter__(self):
         return self
@@ -3988,24 +3995,19 @@ def iter_tarballs(root: str) -> Iterator[str]:
             yield os.path.join(root, entry.path)
 
 
-REPACK_TASKS = 64  # tarballs a repack worker does before a fresh one takes over
-
-
 def each_tarball(
     work: Callable[[str], object],
     paths: Sequence[str],
     jobs: int,
-    tasks_per_worker: int | None = None,
 ) -> Iterator:
     """work(path) for each path, in their order, on up to `jobs` worker processes.
 
     A binhost holds thousands of small tarballs, each a single xz Block that
     one core decompresses: the parallelism is across tarballs, in processes
     (reading tar headers and ELF notes holds the GIL).  At most `jobs`
-    tarballs are open at once; results come back in order.  With
-    tasks_per_worker, a worker is replaced after that many tarballs, and
-    whatever its C heap kept goes with it (the pool replaces a worker up to
-    0.1 s late: worth it only for slow work such as repack).
+    tarballs are open at once; results come back in order.  A worker keeps
+    nothing from one tarball to the next, so its memory is that of the
+    largest tarball, however many it goes through.
     """
     jobs = min(jobs or available_cpus(), len(paths))
     if jobs <= 1:
@@ -4013,9 +4015,7 @@ def each_tarball(
         return
     import multiprocessing  # imported here: a single tarball needs no workers
 
-    pool = multiprocessing.get_context("fork").Pool(
-        jobs, initializer=_worker_start, maxtasksperchild=tasks_per_worker
-    )
+    pool = multiprocessing.get_context("fork").Pool(jobs, initializer=_worker_start)
     try:
         yield from pool.imap(functools.partial(_in_worker, work), paths, chunksize=4)
         pool.close()
@@ -4024,35 +4024,6 @@ def each_tarball(
         raise
     finally:
         pool.join()
-
-
-M_MMAP_THRESHOLD = -3  # glibc malloc.h, for mallopt
-
-
-@functools.cache
-def _glibc_malloc():
-    """glibc's malloc_trim, with mmap's threshold fixed at 1 MiB; None elsewhere."""
-    try:
-        import ctypes  # imported here: only runs over many tarballs use it
-
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, 1 * MiB)
-        return libc.malloc_trim
-    except (ImportError, OSError, AttributeError):  # musl has neither
-        return None
-
-
-def release_free_memory() -> None:
-    """Give the C heap's free memory back to the system, between two tarballs.
-
-    repack gives each tarball its own lzma encoder.  glibc keeps what they
-    free in its heap, where it fragments: over 2,000 small tarballs repack's
-    peak doubled (make bench).  A fixed mmap threshold returns large buffers
-    whole; malloc_trim(0) releases free pages inside the heap.
-    """
-    trim = _glibc_malloc()
-    if trim is not None:
-        trim(0)
 
 
 def _worker_start() -> None:
@@ -5398,7 +5369,7 @@ def cmd_repack(args: argparse.Namespace, log: Log) -> int:
     )
     status, saved, done = 0, 0, 0
     try:
-        for path, result, problem in each_tarball(work, paths, workers, REPACK_TASKS):
+        for path, result, problem in each_tarball(work, paths, workers):
             if problem:
                 log.warning(problem)
                 status = 1
@@ -5428,8 +5399,6 @@ def _repack_one(path: str, **options) -> tuple[str, RepackResult | None, str]:
         return path, repack_archive(path, **options), ""
     except PackdebugError as e:
         return path, None, str(e)
-    finally:
-        release_free_memory()  # each tarball had its own lzma encoder
 
 
 def _report_repack(path: str, result: RepackResult, log: Log) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -2729,6 +2730,23 @@ def test_repack_turns_portage_tarball_into_exactly_what_pack_writes(image, tmp_p
     assert "repacked 1 of 1 tarball" in result.stdout
     assert tarball.read_bytes() == pack(image).read_bytes()
     assert cli("verify", tarball).returncode == 0
+
+
+def test_reading_and_repacking_leave_no_reference_cycles(image, tmp_path):
+    """An Archive caught in a cycle keeps its decoder's dictionary until the
+    garbage collector's next full pass: over 2,000 tarballs, repack's peak
+    memory grew from 47 to 124 MiB that way."""
+    tarball = portage_tarball(image, tmp_path / "hello-1.0-1-debug.tar.xz")
+    gc.collect()
+    gc.disable()
+    try:
+        pd.repack_archive(str(tarball), pd.PackOptions(jobs=1))
+        with pd.Archive(tarball) as archive:
+            name = pd.normalize_name(next(archive.members()).name)
+            assert pd.normalize_name(archive.by_name[name].name) == name
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def test_repack_keeps_the_tarballs_mode_and_owner(image, tmp_path):
