@@ -1758,9 +1758,7 @@ def _read_debug_elf(tree: ImageTree, member: Member) -> None:
 # 4. packing
 # ---------------------------------------------------------------------------
 
-BLOCK_SIZE = (
-    8 * MiB
-)  # a shared Block is closed once this full; see README "Block layout"
+BLOCK_SIZE = 6 * MiB  # a Block closes at a member once this full; README "Block layout"
 BLOCK_SIZE_MIN, BLOCK_SIZE_MAX = 256 * KiB, 512 * MiB
 RECORD_SIZE = tarfile.RECORDSIZE  # GNU tar and tarfile pad archives to 10 KiB
 MEMORY_SHARE = 4  # -j uses at most 1/4 of the RAM, as xz -T's default limit
@@ -1774,18 +1772,17 @@ class PackOptions:
     jobs: int = 0  # 0: one per CPU
     block_size: int = 0  # 0: default_block_size(preset)
     extreme: bool = False
-    large_member: int = 0  # 0: block_size
-    large_block: int = 0  # 0: the larger of block_size and 3 x the dictionary
+    large_block: int = 0  # 0: the larger of 2 x block_size and 3 x the dictionary
+    large_member: int = 0  # 0: no member gets Blocks of its own (see tar_blocks)
 
     def __post_init__(self) -> None:
         self.block_size = self.block_size or default_block_size(self.preset)
-        self.large_member = self.large_member or self.block_size
         dictionary = PRESET_DICT_SIZE[self.preset]
-        self.large_block = self.large_block or max(self.block_size, 3 * dictionary)
+        self.large_block = self.large_block or max(2 * self.block_size, 3 * dictionary)
 
     def blocks(self, entries) -> Iterator[bytearray]:
         """tar_blocks with this layout."""
-        return tar_blocks(entries, self.block_size, self.large_member, self.large_block)
+        return tar_blocks(entries, self.block_size, self.large_block, self.large_member)
 
     @property
     def lzma_preset(self) -> int:
@@ -1798,8 +1795,7 @@ class PackOptions:
         quarter of the RAM, for one encoder and two Blocks per thread) cap.
         """
         cpus = available_cpus()
-        largest = max(self.block_size + self.large_member, self.large_block)
-        per_job = PRESET_ENCODER_MEMORY[self.preset] + 2 * largest
+        per_job = PRESET_ENCODER_MEMORY[self.preset] + 2 * self.large_block
         by_memory = max(1, physical_memory() // MEMORY_SHARE // per_job)
         wanted = self.jobs or cpus
         jobs = min(wanted, cpus, by_memory)
@@ -1817,8 +1813,9 @@ class PackOptions:
 
 
 def default_block_size(preset: int) -> int:
-    """8 MiB, or the preset's dictionary if larger: -7 to -9 gain nothing otherwise."""
-    return max(BLOCK_SIZE, PRESET_DICT_SIZE[preset])
+    """BLOCK_SIZE; for -7 to -9 their dictionary (16 to 64 MiB), which a
+    smaller Block would leave unused."""
+    return PRESET_DICT_SIZE[preset] if preset >= 7 else BLOCK_SIZE
 
 
 def available_cpus() -> int:
@@ -1838,24 +1835,28 @@ def physical_memory() -> int:
 def tar_blocks(
     entries: Iterable[tuple[tarfile.TarInfo, Callable[[], Iterable[bytes]]]],
     block_size: int = BLOCK_SIZE,
-    large_member: int = BLOCK_SIZE,
     large_block: int = 3 * BLOCK_SIZE,
+    large_member: int = 0,
 ) -> Iterator[bytearray]:
     """Lay a tar archive out as xz Block payloads.
 
     `entries` are (header, data) pairs, data() yielding exactly the member's
-    bytes.  Members share Blocks in order; a Block is closed once it holds
-    block_size bytes or more, so no member starts further than block_size
-    into its Block: that bounds what debuginfod decompresses before the
-    member it serves, while the Blocks stay full (each Block's dictionary
-    starts empty, so every Block boundary costs size).  A member of
-    large_member bytes or more has Blocks of its own instead, of up to
-    large_block bytes: it is decompressed whole anyway, so only fewer,
-    larger Blocks matter for it.  Every Block but a large member's
-    continuation starts with a tar header, which lets `find` and `extract`
-    locate a member by bisecting over Block starts.  The end-of-archive
-    marker gets a Block of its own: any archive with a member then has more
-    than one Block, which debuginfod >= 0.192 needs to seek in it.
+    bytes.  Members share Blocks in order; a Block is closed at the first
+    member boundary once it holds block_size bytes or more, so no member
+    starts further than block_size into its Block: that bounds what
+    debuginfod decompresses before the member it serves, while the Blocks
+    stay full (each Block's dictionary starts empty, so every Block boundary
+    costs size).  A member that would take its Block past large_block goes
+    on in Blocks of large_block bytes: a large file is decompressed whole
+    anyway, so only fewer, larger Blocks matter for it; the members after
+    it share the Block of its last part.  With large_member, a member of
+    that size or more instead starts a Block of its own and ends it (the
+    layout of packdebug before 2026-11-28, kept for the benchmark).  Every
+    Block starts either with a tar header or inside a member begun in an
+    earlier one, which lets `find` and `extract` locate a member by
+    bisecting over Block starts.  The end-of-archive marker gets a Block of
+    its own: any archive with a member then has more than one Block, which
+    debuginfod >= 0.192 needs to seek in it.
     """
     block = bytearray()
     offset = 0
@@ -1863,23 +1864,22 @@ def tar_blocks(
         header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         size = info.size if info.type == tarfile.REGTYPE else 0
         padded = round_up(size, tarfile.BLOCKSIZE)
-        large = size >= large_member
-        if block and (large or len(block) >= block_size):
+        own = bool(large_member) and size >= large_member
+        if block and (own or len(block) >= block_size):
             yield block
             block = bytearray()
-        limit = large_block if large else block_size + large_member
         for piece in (header, *((data(),) if size else ()), bytes(padded - size)):
             for chunk in (piece,) if isinstance(piece, bytes) else piece:
                 view = memoryview(chunk)
                 while view:
-                    take = limit - len(block)
+                    take = large_block - len(block)
                     block += view[:take]
                     view = view[take:]
-                    if len(block) == limit:
+                    if len(block) == large_block:
                         yield block
                         block = bytearray()
         offset += len(header) + padded
-        if large and block:
+        if own and block:
             yield block
             block = bytearray()
     if block:
@@ -2960,6 +2960,16 @@ class Archive:
         if not (math.isfinite(info.mtime) and abs(info.mtime) < MTIME_LIMIT):
             raise self._fail(f"member '{name}' has mtime {info.mtime}: not a time")
 
+    def nonzero_from(self, offset: int) -> int | None:
+        """Where the first non-zero byte from `offset` on is; None if only zeros follow."""
+        while offset < self.reader.size:
+            chunk = self.reader.read_at(offset, READ_CHUNK)
+            zeros = len(chunk) - len(chunk.lstrip(b"\0"))
+            if zeros < len(chunk):
+                return offset + zeros
+            offset += len(chunk)
+        return None
+
     @staticmethod
     def data_size(info: tarfile.TarInfo) -> int:
         return info.size if info.isreg() else 0
@@ -3778,17 +3788,12 @@ class _TarAudit:
         if reader.read_at(end, 2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
             self.problems["tar"].append("no end-of-archive marker")
             return
-        offset = end + 2 * tarfile.BLOCKSIZE
-        while offset < reader.size:
-            chunk = reader.read_at(offset, READ_CHUNK)
-            if any(chunk):
-                at = offset + next(i for i, b in enumerate(chunk) if b)
-                self.problems["tar"].append(
-                    f"data after the end-of-archive marker (from byte {at}): members "
-                    "there are invisible to tar and debuginfod"
-                )
-                return
-            offset += len(chunk)
+        at = self.archive.nonzero_from(end + 2 * tarfile.BLOCKSIZE)
+        if at is not None:
+            self.problems["tar"].append(
+                f"data after the end-of-archive marker (from byte {at}): members "
+                "there are invisible to tar and debuginfod"
+            )
 
     def add(self, info: tarfile.TarInfo) -> None:
         name = normalize_name(info.name)
@@ -4047,7 +4052,7 @@ def _in_worker(work: Callable[[str], object], path: str) -> object:
 # 6. binhost upkeep: repack
 # ---------------------------------------------------------------------------
 
-RANDOM_ACCESS_BLOCK = 2 * BLOCK_SIZE  # larger Blocks are spooled, not re-read
+RANDOM_ACCESS_BLOCK = 16 * MiB  # larger Blocks are spooled, not re-read
 STRUCTURE_CHECKS = ("xz", "seekable", "tar", "names")  # what repack must get right
 
 
@@ -5768,10 +5773,11 @@ def _add_compression(p: argparse.ArgumentParser) -> None:
         "--block-size",
         type=block_size_arg,
         metavar="SIZE",
-        help=f"close a shared xz block once it holds SIZE, {format_size(BLOCK_SIZE_MIN)} "
-        f"to {format_size(BLOCK_SIZE_MAX)} (default: {BLOCK_SIZE // MiB}MiB; -7 to -9: their "
-        "dictionary size); a file of SIZE or more gets blocks of its own, of 3 x the "
-        "dictionary",
+        help=f"close an xz block at the first file boundary once it holds SIZE, "
+        f"{format_size(BLOCK_SIZE_MIN)} to {format_size(BLOCK_SIZE_MAX)} (default: "
+        f"{format_size(BLOCK_SIZE)}; -7 to -9: their dictionary size); a file that "
+        "would take its block past 2 x SIZE or 3 x the dictionary (24 MiB at -6), "
+        "whichever is larger, goes on in blocks of that size",
     )
     p.set_defaults(preset=6)
 
