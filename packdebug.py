@@ -3237,13 +3237,23 @@ def copy_member(archive: Archive, info: tarfile.TarInfo, out) -> None:
     """Copy a member's data, verifying the checks of every Block it spans.
 
     Reads from the member's header on, so the Blocks holding the header and
-    the data are each decompressed to their end and so checked.
+    the data are each decompressed to their end and so checked.  Then a
+    header, or the end of the archive, must follow the member: Blocks
+    reordered under a rewritten Index each pass their check, but a member's
+    data then runs into another's, and ends where neither follows.
     """
     reader = archive.reader
     reader.seek(info.offset)
     reader.read(info.offset_data - info.offset)
     out.writelines(archive.data(info))
     reader.finish_block()
+    after = archive.next_offset(info)
+    if archive.header_at(after) is None and archive.nonzero_from(after) is not None:
+        raise ArchiveError(
+            f"member '{shown(info.name)}' runs into data that is not its own: its "
+            "Blocks are out of order or damaged (verify tells more)",
+            archive.path,
+        )
 
 
 # Extraction of everything, safely.

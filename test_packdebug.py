@@ -2375,6 +2375,24 @@ def swapped_truth(
     raise AssertionError(f"no header of {name}")
 
 
+def test_extract_refuses_a_member_whose_data_runs_into_another_block(packed, tmp_path):
+    """Blocks swapped under a rewritten Index each pass their check; the
+    large member then takes the next member's Block as its own data."""
+    with pd.Archive(packed) as archive:
+        big0 = archive.locate("usr/lib/debug/usr/lib/big0.so.debug")
+        starts = archive.reader.block_starts
+        big_tail = bisect.bisect_right(starts, big0.offset_data + big0.size - 1) - 1
+        assert 0 < big_tail < len(starts) - 2, "another member's Block follows"
+    swapped = tmp_path / "swapped-debug.tar.xz"
+    swapped.write_bytes(swap_blocks(packed.read_bytes(), big_tail, big_tail + 1))
+    out = tmp_path / "big0.debug"
+    args = ("--member", "usr/lib/debug/usr/lib/big0.so.debug", "-o", out)
+    result = cli("extract", swapped, *args, check=False)
+    assert result.returncode == 1 and "damaged" in result.stderr, result.stderr
+    assert not out.exists()
+    assert cli("verify", swapped, check=False).returncode == 1
+
+
 def test_cuts_flips_and_block_swaps_never_crash(image, packed, tmp_path):
     """Fixed-seed fuzzing of a real tarball through verify, list and extract."""
     data = packed.read_bytes()
