@@ -147,7 +147,8 @@ def build_dbg(work: pathlib.Path) -> pathlib.Path:
             subprocess.run(["apt-get", "download", *DEBS], cwd=debs, check=True)
         extracted = work / "debs.x"
         shutil.rmtree(extracted, ignore_errors=True)
-        for deb in sorted(debs.glob("*.deb")):
+        for package in DEBS:  # not the kernel's, which shares the directory
+            deb = max(debs.glob(f"{package}_*.deb"))
             subprocess.run(["dpkg", "-x", deb, extracted], check=True)
         (staging / "usr/lib").mkdir(parents=True)
         (extracted / "usr/lib/debug").rename(
