@@ -4011,9 +4011,7 @@ def iter_tarballs(root: str) -> Iterator[str]:
 
 
 def each_tarball(
-    work: Callable[[str], object],
-    paths: Sequence[str],
-    jobs: int,
+    work: Callable[[str], object], paths: Sequence[str], jobs: int
 ) -> Iterator:
     """work(path) for each path, in their order, on up to `jobs` worker processes.
 

@@ -432,9 +432,9 @@ HARNESS = pathlib.Path("/var/tmp/debuginfod-harness")
 FETCHES = 40  # build-ids fetched per layout, spread over the archive
 FETCH_ROUNDS = 3  # each fetched this many times, cold each time
 NO_FDCACHE = ["--fdcache-fds=0", "--fdcache-mbs=0"]
-# (label, block size, large-member threshold): the frontier measured, packdebug's
-# default among them.
-KERNEL_LAYOUTS = [  # (label, block size, own Blocks from; 0: none, the current rule)
+# (label, block size, own Blocks from; 0: none, the current rule): the frontier
+# measured, packdebug's default among them.
+KERNEL_LAYOUTS = [
     ("4 MiB blocks, own blocks from 4 MiB", 4 * MiB, 4 * MiB),
     ("8 MiB blocks, own blocks from 1 MiB", 8 * MiB, 1 * MiB),
     ("8 MiB blocks, own blocks from 8 MiB", 8 * MiB, 8 * MiB),
