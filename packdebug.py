@@ -958,31 +958,59 @@ def block_filters(preset: int, size: int) -> list[dict]:
     return [{"id": lzma.FILTER_LZMA2, "preset": preset, "dict_size": dict_size}]
 
 
-def compress_block(
-    data: bytes, preset: int = 6, check: int = CHECK_CRC64
-) -> tuple[memoryview, IndexRecord]:
-    """Compress `data` into one xz Block (header, data, padding, check).
+def encode_block(
+    chunks: Iterable[bytes | memoryview],
+    size: int,
+    write: Callable[[memoryview], object],
+    preset: int = 6,
+    check: int = CHECK_CRC64,
+) -> IndexRecord:
+    """Compress `size` bytes, arriving in `chunks`, into one xz Block, written as it comes.
 
     The stdlib cannot write a bare Block, so liblzma writes a one-Block
-    Stream and the Block is cut out of it: its Stream Header, Index and
-    Stream Footer are dropped.  lzma releases the GIL, so threads compress
-    Blocks in parallel.
+    Stream and the Block is cut out of it: its Stream Header is dropped from
+    the first output, its Index and Stream Footer (which come only with the
+    final flush) from the last.  liblzma's output does not depend on how its
+    input is cut, so streamed or whole, a payload gives the same bytes.  lzma
+    releases the GIL, so threads compress Blocks in parallel; on the main
+    thread, Ctrl-C waits for one chunk (files are read READ_CHUNK at a time).
     """
-    stream = lzma.compress(
-        data,
-        format=lzma.FORMAT_XZ,
-        check=check,
-        filters=block_filters(preset, len(data)),
+    encoder = lzma.LZMACompressor(
+        lzma.FORMAT_XZ, check=check, filters=block_filters(preset, size)
     )
-    _, index_size = parse_stream_footer(stream[-STREAM_FOOTER_SIZE:])
+    header = STREAM_HEADER_SIZE  # bytes of Stream Header still to drop
+    written = fed = 0
+
+    def emit(out: bytes) -> None:
+        nonlocal header, written
+        dropped = min(header, len(out))
+        header -= dropped
+        if len(out) > dropped:
+            write(memoryview(out)[dropped:])
+            written += len(out) - dropped
+
+    for chunk in chunks:
+        fed += len(chunk)
+        emit(encoder.compress(chunk))
+    tail = encoder.flush()
+    _, index_size = parse_stream_footer(tail[-STREAM_FOOTER_SIZE:])
     (record,) = parse_index(
-        stream[-STREAM_FOOTER_SIZE - index_size : -STREAM_FOOTER_SIZE]
+        tail[-STREAM_FOOTER_SIZE - index_size : -STREAM_FOOTER_SIZE]
     )
-    block = memoryview(stream)[STREAM_HEADER_SIZE : -STREAM_FOOTER_SIZE - index_size]
-    if len(block) != round_up(record.unpadded_size) or record.uncompressed_size != len(
-        data
+    emit(tail[: -STREAM_FOOTER_SIZE - index_size])
+    if written != round_up(record.unpadded_size) or not (
+        record.uncompressed_size == size == fed
     ):
         raise XzError("liblzma wrote a Block of unexpected size")
+    return record
+
+
+def compress_block(
+    data: bytes, preset: int = 6, check: int = CHECK_CRC64
+) -> tuple[bytearray, IndexRecord]:
+    """Compress `data` into one xz Block (header, data, padding, check)."""
+    block = bytearray()
+    record = encode_block((data,), len(data), block.extend, preset, check)
     return block, record
 
 
@@ -992,19 +1020,24 @@ class XzStreamWriter:
     def __init__(self, fileobj, check: int = CHECK_CRC64) -> None:
         self.fileobj, self.check = fileobj, check
         self.records: list[IndexRecord] = []
-        self.size = self._write(create_stream_header(check))
+        self.size = 0
+        self._write(create_stream_header(check))
 
-    def _write(self, data: bytes) -> int:
+    def _write(self, data: bytes | memoryview) -> None:
         self.fileobj.write(data)
-        return len(data)
+        self.size += len(data)
 
     def write_block(self, block: bytes | memoryview, record: IndexRecord) -> None:
         self.records.append(record)
-        self.size += self._write(block)
+        self._write(block)
+
+    def encode_block(self, chunks: Iterable[bytes], size: int, preset: int) -> None:
+        """Compress a Block straight into the file as its chunks come (encode_block)."""
+        self.records.append(encode_block(chunks, size, self._write, preset, self.check))
 
     def close(self) -> None:
         index = create_index(self.records)
-        self.size += self._write(index + create_stream_footer(self.check, len(index)))
+        self._write(index + create_stream_footer(self.check, len(index)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1780,8 +1813,8 @@ class PackOptions:
         dictionary = PRESET_DICT_SIZE[self.preset]
         self.large_block = self.large_block or max(2 * self.block_size, 3 * dictionary)
 
-    def blocks(self, entries) -> Iterator[bytearray]:
-        """tar_blocks with this layout."""
+    def blocks(self, entries) -> Iterator[BlockPlan]:
+        """tar_blocks with this layout: the plan of each Block."""
         return tar_blocks(entries, self.block_size, self.large_block, self.large_member)
 
     @property
@@ -1832,13 +1865,80 @@ def physical_memory() -> int:
         return 4 << 30
 
 
+class _MemberData:
+    """A member's data, read n bytes at a time by the Blocks it spans.
+
+    data() must yield exactly `size` bytes; it is called at the first read,
+    and run to its end after the last (where _file_data checks the file
+    did not grow).
+    """
+
+    __slots__ = ("chunks", "data", "left", "rest")
+
+    def __init__(self, data: Callable[[], Iterable[bytes]], size: int) -> None:
+        self.data, self.left = data, size
+        self.chunks: Iterator[bytes] | None = None
+        self.rest = memoryview(b"")
+
+    def read(self, n: int) -> Iterator[memoryview]:
+        if self.chunks is None:
+            self.chunks = iter(self.data())
+        self.left -= n
+        while n:
+            while not self.rest:
+                chunk = next(self.chunks, None)
+                if chunk is None:
+                    raise ValueError("member data ended before its size")
+                self.rest = memoryview(chunk)
+            piece, self.rest = self.rest[:n], self.rest[n:]
+            n -= len(piece)
+            yield piece
+        if not self.left and (self.rest or next(self.chunks, None) is not None):
+            raise ValueError("member data ran past its size")
+
+
+class BlockPlan:
+    """One Block's share of the tar stream: its size, and the pieces that fill it.
+
+    A piece is bytes (a header, padding) or the next bytes of a member's
+    data, read only when the Block is: tar_blocks gives plans one at a
+    time, and each must be read before the next is asked for.
+    """
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[memoryview | _MemberData, int]] = []
+        self.size = 0
+
+    def add(self, piece: memoryview | _MemberData, n: int) -> None:
+        self.pieces.append((piece, n))
+        self.size += n
+
+    def chunks(self) -> Iterator[memoryview]:
+        for piece, n in self.pieces:
+            if isinstance(piece, _MemberData):
+                yield from piece.read(n)
+            else:
+                yield piece
+
+    def payload(self) -> bytearray:
+        """The Block's bytes, in one buffer of exactly its size."""
+        payload = bytearray(self.size)
+        view, at = memoryview(payload), 0
+        for chunk in self.chunks():
+            view[at : at + len(chunk)] = chunk
+            at += len(chunk)
+        return payload
+
+
 def tar_blocks(
     entries: Iterable[tuple[tarfile.TarInfo, Callable[[], Iterable[bytes]]]],
     block_size: int = BLOCK_SIZE,
     large_block: int = 3 * BLOCK_SIZE,
     large_member: int = 0,
-) -> Iterator[bytearray]:
-    """Lay a tar archive out as xz Block payloads.
+) -> Iterator[BlockPlan]:
+    """Lay a tar archive out as xz Blocks.
 
     `entries` are (header, data) pairs, data() yielding exactly the member's
     bytes.  Members share Blocks in order; a Block is closed at the first
@@ -1857,35 +1957,48 @@ def tar_blocks(
     bisecting over Block starts.  The end-of-archive marker gets a Block of
     its own: any archive with a member then has more than one Block, which
     debuginfod >= 0.192 needs to seek in it.
+
+    The layout needs only the headers' sizes, so each Block's size is known
+    before its data is read, and a Block can be compressed as it is read.
     """
-    block = bytearray()
+    block = BlockPlan()
     offset = 0
     for info, data in entries:
         header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         size = info.size if info.type == tarfile.REGTYPE else 0
         padded = round_up(size, tarfile.BLOCKSIZE)
         own = bool(large_member) and size >= large_member
-        if block and (own or len(block) >= block_size):
+        if block.size and (own or block.size >= block_size):
             yield block
-            block = bytearray()
-        for piece in (header, *((data(),) if size else ()), bytes(padded - size)):
-            for chunk in (piece,) if isinstance(piece, bytes) else piece:
-                view = memoryview(chunk)
-                while view:
-                    take = large_block - len(block)
-                    block += view[:take]
-                    view = view[take:]
-                    if len(block) == large_block:
-                        yield block
-                        block = bytearray()
+            block = BlockPlan()
+        pieces = (
+            (memoryview(header), len(header)),
+            (_MemberData(data, size), size),
+            (memoryview(bytes(padded - size)), padded - size),
+        )
+        for piece, length in pieces:
+            at = 0
+            while at < length:
+                take = min(length - at, large_block - block.size)
+                part = (
+                    piece if isinstance(piece, _MemberData) else piece[at : at + take]
+                )
+                block.add(part, take)
+                at += take
+                if block.size == large_block:
+                    yield block
+                    block = BlockPlan()
         offset += len(header) + padded
-        if own and block:
+        if own and block.size:
             yield block
-            block = bytearray()
-    if block:
+            block = BlockPlan()
+    if block.size:
         yield block
     end = bytes(2 * tarfile.BLOCKSIZE)
-    yield bytearray(end + bytes(-(offset + len(end)) % RECORD_SIZE))
+    end += bytes(-(offset + len(end)) % RECORD_SIZE)
+    block = BlockPlan()
+    block.add(memoryview(end), len(end))
+    yield block
 
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
@@ -1968,26 +2081,21 @@ class BlockCompressor:
 
 
 def compress_blocks(
-    payloads: Iterable[bytearray], preset: int, jobs: int
-) -> Iterator[tuple[memoryview, IndexRecord, int]]:
+    blocks: Iterable[BlockPlan], preset: int, jobs: int
+) -> Iterator[tuple[bytearray, IndexRecord, int]]:
     """Compress Blocks on `jobs` threads; yield (Block, record, input size) in order.
 
-    At most 2 x jobs payloads are in flight (2 with one job), so memory
-    stays bounded by about jobs x (encoder + 2 Blocks), whatever the size
-    of the image, while a worker that finishes a small Block early finds
-    the next one queued instead of waiting for the oldest to be written.
+    At most 2 x jobs payloads are in flight, so memory stays bounded by
+    about jobs x (encoder + 2 Blocks), whatever the size of the image, while
+    a worker that finishes a small Block early finds the next one queued
+    instead of waiting for the oldest to be written.
     """
-    limit = 2 if jobs == 1 else 2 * jobs
     compressor = BlockCompressor(jobs, preset)
     pending: collections.deque = collections.deque()
-    tuned = False
     try:
-        for payload in payloads:
-            if not tuned and len(payload) >= LARGE_PAYLOAD:
-                _mmap_large_buffers()
-                tuned = True
-            pending.append((compressor.submit(payload), len(payload)))
-            while len(pending) >= limit:
+        for block in blocks:
+            pending.append((compressor.submit(block.payload()), block.size))
+            while len(pending) >= 2 * jobs:
                 yield _result(*pending.popleft())
         while pending:
             yield _result(*pending.popleft())
@@ -1995,7 +2103,38 @@ def compress_blocks(
         compressor.close()
 
 
-def _result(job: _CompressJob, size: int) -> tuple[memoryview, IndexRecord, int]:
+def write_each_block(
+    blocks: Iterable[BlockPlan], writer: XzStreamWriter, preset: int, jobs: int
+) -> Iterator[int]:
+    """Compress and write the Blocks; yield each one's input size once written.
+
+    With one job, each Block goes through the encoder as its data is read,
+    so no Block is held whole and pack -j1 needs about what xz -T1 does;
+    with more, whole Blocks go to compress_blocks' threads.
+    """
+    blocks = _tune_for_large(blocks)
+    if jobs == 1:
+        for block in blocks:
+            writer.encode_block(block.chunks(), block.size, preset)
+            yield block.size
+        return
+    with contextlib.closing(compress_blocks(blocks, preset, jobs)) as compressed:
+        for data, record, size in compressed:
+            writer.write_block(data, record)
+            yield size
+
+
+def _tune_for_large(blocks: Iterable[BlockPlan]) -> Iterator[BlockPlan]:
+    """The Blocks, glibc tuned by _mmap_large_buffers once a large one shows up."""
+    tuned = False
+    for block in blocks:
+        if not tuned and block.size >= LARGE_PAYLOAD:
+            _mmap_large_buffers()
+            tuned = True
+        yield block
+
+
+def _result(job: _CompressJob, size: int) -> tuple[bytearray, IndexRecord, int]:
     job.done.wait()
     if job.error is not None:
         raise job.error
@@ -2244,14 +2383,14 @@ class PackResult:
 
 
 def write_blocks(
-    payloads: Iterable[bytearray],
+    blocks: Iterable[BlockPlan],
     target: OutputTarget,
     options: PackOptions,
     progress: Progress | None = None,
     check: Callable[[str], None] | None = None,
     like: os.stat_result | None = None,
 ) -> PackResult:
-    """Compress Block payloads into one xz stream at the target, atomically.
+    """Compress the Blocks into one xz stream at the target, atomically.
 
     The file gets the mode and owner of `like` (the tarball it replaces).
     """
@@ -2262,10 +2401,9 @@ def write_blocks(
         kept = {"mode": stat.S_IMODE(like.st_mode), "owner": (like.st_uid, like.st_gid)}
     with atomic_output(target, check=check, **kept) as f:
         writer = XzStreamWriter(f)
-        blocks = compress_blocks(payloads, options.lzma_preset, jobs)
-        with contextlib.closing(blocks):
-            for block, record, size in blocks:
-                writer.write_block(block, record)
+        written = write_each_block(blocks, writer, options.lzma_preset, jobs)
+        with contextlib.closing(written):
+            for size in written:
                 result.tar_size += size
                 if progress:
                     progress.wrote(writer.size)
@@ -4228,7 +4366,7 @@ def repack_archive(
         )
         read = _spool(archive, stack) if big else archive.data
 
-        def payloads() -> Iterator[bytearray]:
+        def new_blocks() -> Iterator[BlockPlan]:
             entries = [
                 (
                     new,
@@ -4241,7 +4379,7 @@ def repack_archive(
             return options.blocks(entries)
 
         if not result.reasons:
-            same = _same_blocks(archive, payloads())
+            same = _same_blocks(archive, new_blocks())
             if same and not force:
                 result.decoded = archive.reader.decoded
                 return result
@@ -4252,7 +4390,7 @@ def repack_archive(
             check = functools.partial(_check_repacked, verification)
             target = OutputTarget.at(path)
             result.new_size = write_blocks(
-                payloads(), target, options, progress, check, like=old
+                new_blocks(), target, options, progress, check, like=old
             ).size
         result.decoded = archive.reader.decoded
     return result
@@ -4303,17 +4441,20 @@ def _check_repacked(before: Verification, temporary: str) -> None:
         )
 
 
-def _same_blocks(archive: Archive, payloads: Iterable[bytes]) -> bool:
-    """Whether the archive's Blocks hold exactly these payloads, CRC64-checked."""
+def _same_blocks(archive: Archive, plans: Iterable[BlockPlan]) -> bool:
+    """Whether the archive's Blocks hold exactly these Blocks' bytes, CRC64-checked."""
     layout = archive.reader.layout
     if layout.streams != 1 or layout.stream_padding or layout.checks != {CHECK_CRC64}:
         return False
     blocks = iter(layout.blocks)
-    for payload in payloads:
+    for plan in plans:
         block = next(blocks, None)
-        if block is None or block.uncompressed_size != len(payload):
+        if block is None or block.uncompressed_size != plan.size:
             return False
-        if archive.reader.read_at(block.uncompressed_offset, len(payload)) != payload:
+        if (
+            archive.reader.read_at(block.uncompressed_offset, plan.size)
+            != plan.payload()
+        ):
             return False
     return next(blocks, None) is None
 

@@ -1246,7 +1246,13 @@ def test_blocks_close_at_the_first_member_boundary_and_large_files_go_on(tmp_pat
         elf_with_section(tmp_path, 7 * MiB), image / "usr/lib/debug/usr/bin/big.debug"
     )
     tarball = tmp_path / "out-debug.tar.xz"
-    cli("pack", "--image", image, "--output", tarball, "--block-size", "1MiB", "-1")
+    layout = ("--block-size", "1MiB", "-1")
+    cli("pack", "--image", image, "--output", tarball, *layout, "-j2")
+    streamed = tmp_path / "j1-debug.tar.xz"
+    cli("pack", "--image", image, "--output", streamed, *layout, "-j1")
+    assert streamed.read_bytes() == tarball.read_bytes(), (
+        "-j1 streams each Block through one encoder: the bytes of whole Blocks"
+    )
     blocks = xz_blocks(tarball)[:-1]  # the end marker's is checked elsewhere
     starts = [b["uncompressed_offset"] for b in blocks]
     with tarfile.open(tarball) as tar:
@@ -1269,6 +1275,20 @@ def test_blocks_close_at_the_first_member_boundary_and_large_files_go_on(tmp_pat
         assert any(m.offset_data < start < m.offset_data + m.size for m in members), (
             "a Block starts with a header, or inside a file begun before"
         )
+
+
+def test_member_data_of_another_size_than_its_header_is_refused():
+    def entry(data: bytes, size: int):
+        info = tarfile.TarInfo("usr/lib/debug/x.debug")
+        info.size = size
+        return info, lambda: iter((data[:3], data[3:]))
+
+    for data, size in ((b"short", 9), (b"toolong", 4)):
+        (block, _end) = pd.tar_blocks([entry(data, size)])
+        with pytest.raises(ValueError, match="member data"):
+            block.payload()
+    (block, _end) = pd.tar_blocks([entry(b"exact", 5)])
+    assert block.payload()[512:517] == b"exact"
 
 
 def reversed_copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
@@ -1692,8 +1712,17 @@ def big_random_image(tmp_path: pathlib.Path, count: int, size: int) -> pathlib.P
     return image
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_while_writing_leaves_nothing_and_exits_at_once(tmp_path, sig, code):
+@pytest.mark.parametrize(
+    "sig,code,jobs",
+    [
+        (signal.SIGTERM, 143, "-j2"),
+        (signal.SIGINT, 130, "-j2"),
+        (signal.SIGINT, 130, "-j1"),
+    ],
+)
+def test_signal_while_writing_leaves_nothing_and_exits_at_once(
+    tmp_path, sig, code, jobs
+):
     image = big_random_image(tmp_path, 3, 12 * MiB)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -1707,7 +1736,7 @@ def test_signal_while_writing_leaves_nothing_and_exits_at_once(tmp_path, sig, co
             image,
             "--output",
             target,
-            "-j2",
+            jobs,
             "-9",
             "--block-size",
             "12MiB",
