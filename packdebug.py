@@ -158,16 +158,29 @@ class _Signals:
     held = 0  # depth of signals_held()
     pending: int | None = None
     worker = working = False  # in a worker process; running a task there
+    stopping = False  # a signal was answered, or main has its outcome
 
 
 def on_signal(signum: int, frame) -> None:
-    """SIGINT raises KeyboardInterrupt, SIGTERM Terminated, so that cleanups run."""
+    """SIGINT raises KeyboardInterrupt, SIGTERM Terminated, so that cleanups run.
+
+    Only the first: a second Ctrl-C must not cut the cleanups the first one
+    started (a temporary file's removal), nor hit main's closing message.
+    """
+    if _Signals.stopping:
+        return
     if _Signals.held:
         _Signals.pending = signum
         return
     if _Signals.worker and not _Signals.working:
         os._exit(128 + signum)  # an idle worker has nothing to clean up
-    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+    raise _stop(signum)
+
+
+def _stop(signum: int) -> BaseException:
+    """The exception that answers a signal; later ones are ignored."""
+    _Signals.stopping = True
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
 @contextlib.contextmanager
@@ -184,7 +197,7 @@ def signals_held() -> Iterator[None]:
         _Signals.held -= 1
         if not _Signals.held and _Signals.pending is not None:
             signum, _Signals.pending = _Signals.pending, None
-            raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+            raise _stop(signum)
 
 
 def to_json(document: object) -> str:
@@ -4181,7 +4194,7 @@ def _worker_start() -> None:
     """Ctrl-C is the parent's to answer; SIGTERM (terminate) still runs cleanups."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, on_signal)
-    _Signals.worker = True
+    _Signals.worker, _Signals.stopping = True, False  # forked maybe while stopping
 
 
 def _in_worker(work: Callable[[str], object], path: str) -> object:
@@ -6324,18 +6337,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     args = parser.parse_args(argv)
     log = Log(args.verbosity)
-    previous_int = signal.signal(signal.SIGINT, on_signal)
-    previous_term = signal.signal(signal.SIGTERM, on_signal)
+    previous = {}
     try:
-        status = args.run(args, log)
-        with contextlib.suppress(ValueError):  # stdout closed
-            if log.out is sys.stdout and log.report_error is None:
-                try:
-                    sys.stdout.flush()
-                except BrokenPipeError:
-                    raise
-                except OSError as e:
-                    log.report_error = e
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, on_signal)
+            status = args.run(args, log)
+            with contextlib.suppress(ValueError):  # stdout closed
+                if log.out is sys.stdout and log.report_error is None:
+                    try:
+                        sys.stdout.flush()
+                    except BrokenPipeError:
+                        raise
+                    except OSError as e:
+                        log.report_error = e
+        finally:
+            _Signals.stopping = (
+                True  # the outcome is known: a signal now changes nothing
+            )
         if log.report_error is not None:
             message = f"cannot write to standard output: {log.report_error.strerror}"
             if log.out is sys.stdout:
@@ -6358,8 +6377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_stdout()  # the reader went away (`| head`): not an error of ours
         return 141
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGINT, previous_int)
+        for signum, handler in reversed(previous.items()):  # SIGINT first
+            signal.signal(signum, handler)
+        _Signals.stopping, _Signals.pending = False, None
 
 
 if __name__ == "__main__":
