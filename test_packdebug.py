@@ -1752,12 +1752,16 @@ def test_signal_while_writing_leaves_nothing_and_exits_at_once(
     assert list(out_dir.iterdir()), "the temporary file never appeared"
     time.sleep(0.5)  # blocks are being compressed now
     sent = time.monotonic()
-    proc.send_signal(sig)
+    while proc.poll() is None:  # a user pressing Ctrl-C again and again
+        proc.send_signal(sig)
+        time.sleep(0.002)
     _, err = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 2.5, (
         "answered at once, not after the running blocks"
     )
-    assert proc.returncode == code and "nothing was written" in err
+    # A later press may find main done and the signal's default action back:
+    # killed by it, which a shell reports as the same 128 + signal.
+    assert proc.returncode in (code, -sig) and "nothing was written" in err
     assert "Traceback" not in err
     assert list(out_dir.iterdir()) == []
 
@@ -4101,10 +4105,15 @@ def test_printed_unit_starts_under_systemd_and_serves(image, tmp_path, version):
     env = {
         **os.environ,
         "BIND": f"{tarball.parents[2]}:/usr/lib/debug/.tarball {pkgdir}:/var/cache/binpkgs",
-        "CMD": f"sleep 2; ss -Hltn; DEBUGINFOD_URLS=http://127.0.0.1:{port} DEBUGINFOD_CACHE_PATH=/tmp/c "
-        f"debuginfod-find debuginfo {hello_id} | xargs sha256sum; "
-        f"DEBUGINFOD_URLS=http://127.0.0.1:{port} DEBUGINFOD_CACHE_PATH=/tmp/c "
-        f"debuginfod-find executable {hello_id} | xargs sha256sum",
+        # Until the first scan has found both (a cache per try: the client
+        # remembers a miss), then fetch each once.
+        "CMD": f"export DEBUGINFOD_URLS=http://127.0.0.1:{port}; "
+        "for i in $(seq 300); do "
+        f"DEBUGINFOD_CACHE_PATH=/tmp/try$i debuginfod-find debuginfo {hello_id} && "
+        f"DEBUGINFOD_CACHE_PATH=/tmp/try$i debuginfod-find executable {hello_id} && "
+        "break; sleep 0.2; done >/dev/null 2>&1; ss -Hltn; "
+        f"DEBUGINFOD_CACHE_PATH=/tmp/c debuginfod-find debuginfo {hello_id} | xargs sha256sum; "
+        f"DEBUGINFOD_CACHE_PATH=/tmp/c debuginfod-find executable {hello_id} | xargs sha256sum",
     }
     result = run(
         systemd_run_unit(tmp_path),
