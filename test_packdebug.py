@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import tracemalloc
 import urllib.request
 import zlib
 
@@ -1275,6 +1276,28 @@ def test_blocks_close_at_the_first_member_boundary_and_large_files_go_on(tmp_pat
         assert any(m.offset_data < start < m.offset_data + m.size for m in members), (
             "a Block starts with a header, or inside a file begun before"
         )
+
+
+def test_pack_j1_holds_no_block_whole_and_j2_does(tmp_path):
+    """-j1 streams each Block into its encoder; threads need whole Blocks."""
+    image = tmp_path / "image"
+    make_tree(image, {"usr/lib/debug/big.debug": random_bytes(32 * MiB, 9)})
+    options = {"preset": 0, "block_size": 8 * MiB}  # Blocks of 16 MiB
+    peaks = {}
+    for jobs in (1, 2):
+        scan = pd.scan_image(image)
+        target = pd.OutputTarget.at(str(tmp_path / f"j{jobs}-debug.tar.xz"))
+        tracemalloc.start()
+        try:
+            result = pd.write_tarball(
+                scan, target, pd.PackOptions(jobs=jobs, **options)
+            )
+            peaks[jobs] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            scan.tree.close()
+        assert result.blocks == 4
+    assert peaks[1] < 16 * MiB <= peaks[2], peaks
 
 
 def test_member_data_of_another_size_than_its_header_is_refused():
