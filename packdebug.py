@@ -6352,9 +6352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     except OSError as e:
                         log.report_error = e
         finally:
-            _Signals.stopping = (
-                True  # the outcome is known: a signal now changes nothing
-            )
+            # The outcome is known: a signal now changes nothing.
+            _Signals.stopping = True
         if log.report_error is not None:
             message = f"cannot write to standard output: {log.report_error.strerror}"
             if log.out is sys.stdout:

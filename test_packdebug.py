@@ -2015,7 +2015,7 @@ def test_verify_reports_padding_streams_missing_build_ids_and_broken_links(
     image, tmp_path
 ):
     add_debug_file_without_build_id(image, tmp_path)
-    # exist_ok: a real build-id starts with 00 in one image out of ~256.
+    # exist_ok: a real build-id may start with 00 (it follows gcc and the build path).
     (image / "usr/lib/debug/.build-id/00").mkdir(exist_ok=True)
     (image / "usr/lib/debug/.build-id/00/1122334455.debug").symlink_to(
         "../../usr/bin/gone.debug"
